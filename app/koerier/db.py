@@ -1,0 +1,71 @@
+"""PostgreSQL access: one psycopg 3 async connection pool per process.
+
+Every query goes through :func:`connection`; when the database cannot be reached it raises
+:class:`DatabaseUnavailable`, which the API turns into a 503 and the workers into a pause.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from koerier.config import Settings
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL did not answer (down, restarting, or the pool is exhausted)."""
+
+
+_pool: AsyncConnectionPool | None = None
+
+
+async def open_pool(settings: Settings, *, max_size: int | None = None) -> AsyncConnectionPool:
+    """Create the process pool; it connects lazily, so a database that is down is no error."""
+    global _pool
+    if _pool is not None:
+        return _pool
+    pool = AsyncConnectionPool(
+        settings.database_conninfo,
+        min_size=settings.db_pool_min,
+        max_size=max_size or settings.db_pool_max,
+        kwargs={"row_factory": dict_row, "autocommit": False},
+        timeout=settings.db_connect_timeout_seconds,
+        # A connection that broke while idle (database restart) is found and replaced
+        # before it is handed out, so the first request after a restart does not fail.
+        check=AsyncConnectionPool.check_connection,
+        reconnect_timeout=0,
+        open=False,
+        name="koerier",
+    )
+    await pool.open(wait=False)
+    _pool = pool
+    return pool
+
+
+async def close_pool() -> None:
+    global _pool
+    if _pool is not None:
+        await _pool.close()
+        _pool = None
+
+
+def pool() -> AsyncConnectionPool:
+    if _pool is None:
+        raise RuntimeError("the database pool is not open; call open_pool() first")
+    return _pool
+
+
+@asynccontextmanager
+async def connection() -> AsyncIterator[psycopg.AsyncConnection]:
+    """A pooled connection inside a transaction, committed when the block ends cleanly."""
+    try:
+        async with pool().connection() as conn:
+            yield conn
+    except PoolTimeout as exc:
+        raise DatabaseUnavailable("no database connection within the timeout") from exc
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(str(exc).strip().splitlines()[0]) from exc
