@@ -82,3 +82,43 @@ def db(base_env: dict[str, str], pg_server: PostgresServer) -> Iterator[psycopg.
 def clean_db(db: psycopg.Connection) -> psycopg.Connection:
     db.execute("TRUNCATE " + ", ".join(TABLES) + " RESTART IDENTITY CASCADE")
     return db
+
+
+# The API under test: a real ``koerier serve`` process and loopback subscribers.
+
+PROBE_TIMEOUT_SECONDS = 1.0
+CLIENT_CACHE_SECONDS = 1.0
+
+
+@pytest.fixture(scope="session")
+def subscriber():
+    from tests.apiharness import start_subscriber
+
+    found, server = start_subscriber()
+    yield found
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def api_server(base_env, tmp_path_factory):
+    """``koerier serve`` on a free port for the whole session, probing with a short timeout."""
+    from tests.apiharness import ApiServer
+
+    env = base_env | {
+        "KOERIER_PROBE_TIMEOUT_SECONDS": str(PROBE_TIMEOUT_SECONDS),
+        "KOERIER_CLIENT_CACHE_SECONDS": str(CLIENT_CACHE_SECONDS),
+        "KOERIER_MAX_BODY_BYTES": "65536",
+    }
+    server = ApiServer(env, tmp_path_factory.mktemp("api") / "koerier.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def api(api_server, clean_db):
+    """requests against the live server, with the standard test clients in the database."""
+    from tests.apiharness import Api, insert_clients
+
+    insert_clients(clean_db)
+    return Api(api_server.url)

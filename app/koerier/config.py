@@ -83,6 +83,8 @@ class Settings(BaseSettings):
 
     # Publishing
     aanmaakdatum_leeway_seconds: int = Field(300, ge=0)
+    # The zone of an ``aanmaakdatum`` without an offset; ZGW components mean Dutch time.
+    naive_time_zone: str = "Europe/Amsterdam"
 
     # Subscription probe
     probe_enabled: bool = True
@@ -122,6 +124,17 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(item, strict=False)
             except ValueError as exc:
                 raise ValueError(f"must be IP addresses or networks, but got {item!r}") from exc
+        return value
+
+    @field_validator("naive_time_zone")
+    @classmethod
+    def _check_time_zone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"must be an IANA time zone name, but got {value!r}") from None
         return value
 
     @field_validator("public_url")

@@ -1,0 +1,1 @@
+"""The Notificaties API over HTTP: Tornado handlers, problem+json errors, validation."""
