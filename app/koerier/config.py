@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     worker_prefetch: int = Field(100, ge=1)
     relay_interval_seconds: float = Field(1.0, gt=0)
     relay_stale_queued_seconds: float = Field(3600.0, gt=0)
+    # The relay leaves a fresh delivery to the API's own publish for this long.
+    relay_grace_seconds: float = Field(5.0, ge=0)
+    relay_batch_size: int = Field(500, ge=1)
+    # A delivery for a host at its concurrency bound is rescheduled this much later.
+    defer_seconds: float = Field(1.0, gt=0)
+    worker_concurrency: int = Field(32, ge=1)
     retention_days: int = Field(30, ge=1)
 
     @field_validator("trusted_proxies", "probe_unauthenticated_hosts", mode="before")

@@ -16,10 +16,9 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.process
 
-from koerier import db, logs
+from koerier import db, logs, metrics, relay
 from koerier.api.app import make_app
 from koerier.config import Settings
-from koerier.routing import DeliveryPublisher
 
 log = logs.get("koerier.api.server")
 
@@ -34,8 +33,11 @@ async def run_api(settings: Settings, sockets: list[socket.socket]) -> None:
     :func:`make_app`.
     """
     await db.open_pool(settings)
-    publisher: DeliveryPublisher | None = None
-    app = make_app(settings, publisher=publisher)
+    publisher = relay.api_publisher(settings)
+    publisher.start()
+    app = make_app(settings, publisher=publisher, extra_handlers=[
+        (r"/metrics", metrics.MetricsHandler, {"publisher": publisher}),
+    ])
     server = tornado.httpserver.HTTPServer(
         app,
         xheaders=False,
@@ -62,6 +64,7 @@ async def run_api(settings: Settings, sockets: list[socket.socket]) -> None:
         await asyncio.wait_for(server.close_all_connections(), SHUTDOWN_GRACE_SECONDS)
     except TimeoutError:
         log.warning("api_connections_left_open", pid=os.getpid())
+    await publisher.close()
     await db.close_pool()
 
 

@@ -1,0 +1,262 @@
+"""One delivery attempt: claim it, POST it to the subscriber, record the outcome.
+
+The claim rule (docs/design.md): a broker message only carries a delivery id, and a worker
+sends the delivery only after one conditional UPDATE made it ``sending`` for that worker.
+The claim increments ``attempts``; that number is the attempt's number and the claim's
+token, so recording the outcome (or deferring) changes the delivery only while the claim
+is still the current one.
+
+The retry schedule lives here too: retry ``n`` (1-based) waits
+``min(base * factor ** (n - 1), max_delay)`` seconds, spread by +/- ``jitter``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import psycopg
+
+from koerier import __version__
+from koerier.config import Settings
+
+ERROR_TEXT_LIMIT = 1000
+RESPONSE_READ_LIMIT = 2048
+
+NOTIFICATION_ID_HEADER = "Koerier-Notification-Id"
+ATTEMPT_HEADER = "Koerier-Delivery-Attempt"
+USER_AGENT = f"Koerier/{__version__}"
+
+
+def retry_delay(settings: Settings, retry: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number ``retry`` (1 is the first retry)."""
+    nominal = min(
+        settings.retry_base_seconds * settings.retry_factor ** (retry - 1),
+        settings.retry_max_delay_seconds,
+    )
+    spread = settings.retry_jitter
+    return nominal * (rng or random).uniform(1 - spread, 1 + spread)
+
+
+def retry_schedule(settings: Settings) -> list[float]:
+    """The nominal delays (no jitter) of every retry, in order."""
+    return [
+        min(settings.retry_base_seconds * settings.retry_factor ** (retry - 1),
+            settings.retry_max_delay_seconds)
+        for retry in range(1, settings.retry_max + 1)
+    ]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A delivery this worker now owns, with what it needs to send it."""
+
+    delivery_id: int
+    attempt: int
+    retry_from: int
+    notification_uuid: str
+    message: bytes
+    received_at: float
+    abonnement_id: int
+    abonnement_uuid: str | None
+    callback_url: str | None
+    auth: str
+    circuit_open_for: float | None
+
+    @property
+    def retry(self) -> int:
+        """How many attempts of the current series (since the last resend) this makes."""
+        return self.attempt - self.retry_from
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    error_class: str | None
+    error_text: str | None
+
+    @property
+    def success(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    @property
+    def summary(self) -> str:
+        if self.success:
+            return f"HTTP {self.status_code}"
+        if self.status_code is not None:
+            return f"HTTP {self.status_code}"
+        return f"{self.error_class}: {self.error_text}"
+
+
+_CLAIM = """
+    WITH claimed AS (
+        UPDATE delivery
+        SET state = 'sending', attempts = attempts + 1,
+            claimed_until = now() + make_interval(secs => %(lease)s)
+        WHERE id = %(id)s AND (
+            (state IN ('scheduled', 'queued') AND due_at <= now())
+            OR (state = 'sending' AND (%(redelivered)s OR claimed_until < now()))
+        )
+        RETURNING id, notification_id, abonnement_id, attempts, retry_from
+    )
+    SELECT c.id, c.attempts, c.retry_from, c.abonnement_id,
+           n.uuid::text AS notification_uuid, n.message::text AS message,
+           extract(epoch FROM n.received_at)::float8 AS received_at,
+           a.uuid::text AS abonnement_uuid, a.callback_url, a.auth,
+           CASE WHEN ci.open_until IS NOT NULL
+                THEN extract(epoch FROM ci.open_until - now())::float8 END AS circuit_open_for
+    FROM claimed c
+    JOIN notification n ON n.id = c.notification_id
+    LEFT JOIN abonnement a ON a.id = c.abonnement_id
+    LEFT JOIN circuit ci ON ci.abonnement_id = c.abonnement_id
+"""
+
+
+async def claim(
+    conn: psycopg.AsyncConnection[Any], delivery_id: int, redelivered: bool, lease: float
+) -> Claim | None:
+    """Make the delivery ``sending`` for this worker, or None when it is not claimable."""
+    cursor = await conn.execute(
+        _CLAIM, {"id": delivery_id, "redelivered": redelivered, "lease": lease})
+    row = await cursor.fetchone()
+    if row is None:
+        return None
+    return Claim(
+        delivery_id=row["id"],
+        attempt=row["attempts"],
+        retry_from=row["retry_from"],
+        notification_uuid=row["notification_uuid"],
+        message=row["message"].encode(),
+        received_at=row["received_at"],
+        abonnement_id=row["abonnement_id"],
+        abonnement_uuid=row["abonnement_uuid"],
+        callback_url=row["callback_url"],
+        auth=row["auth"] or "",
+        circuit_open_for=row["circuit_open_for"],
+    )
+
+
+async def defer(conn: psycopg.AsyncConnection[Any], target: Claim, delay: float) -> bool:
+    """Give the claim back without an attempt: ``scheduled`` again, due after ``delay``."""
+    cursor = await conn.execute(
+        """
+        UPDATE delivery
+        SET state = 'scheduled', attempts = attempts - 1, claimed_until = NULL,
+            due_at = now() + make_interval(secs => %s)
+        WHERE id = %s AND state = 'sending' AND attempts = %s
+        """,
+        (delay, target.delivery_id, target.attempt),
+    )
+    return cursor.rowcount == 1
+
+
+async def cancel(conn: psycopg.AsyncConnection[Any], target: Claim, reason: str) -> None:
+    """End a delivery that can never be made (its abonnement was deleted)."""
+    await conn.execute(
+        """
+        UPDATE delivery
+        SET state = 'cancelled', attempts = attempts - 1, claimed_until = NULL,
+            finished_at = now(), last_error = %s
+        WHERE id = %s AND state = 'sending' AND attempts = %s
+        """,
+        (reason, target.delivery_id, target.attempt),
+    )
+
+
+async def record(
+    conn: psycopg.AsyncConnection[Any],
+    target: Claim,
+    result: AttemptResult,
+    next_state: str,
+    retry_in: float | None,
+) -> bool:
+    """Store the attempt and the delivery's new state; False when the claim was taken over.
+
+    The attempt row is written either way: it happened, and operators should see it.
+    """
+    await conn.execute(
+        """
+        INSERT INTO delivery_attempt (delivery_id, number, started_at, duration_ms,
+                                      status_code, error_class, error_text, outcome)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+        """,
+        (target.delivery_id, target.attempt, result.started_at, result.duration_ms,
+         result.status_code, result.error_class, result.error_text,
+         "success" if result.success else "failure"),
+    )
+    cursor = await conn.execute(
+        """
+        UPDATE delivery
+        SET state = %(state)s, claimed_until = NULL,
+            last_error = %(error)s,
+            due_at = CASE WHEN %(retry_in)s::float8 IS NULL THEN due_at
+                          ELSE now() + make_interval(secs => %(retry_in)s::float8) END,
+            finished_at = CASE WHEN %(state)s IN ('delivered', 'failed') THEN now() END
+        WHERE id = %(id)s AND state = 'sending' AND attempts = %(attempt)s
+        """,
+        {"state": next_state, "error": None if result.success else result.summary,
+         "retry_in": retry_in, "id": target.delivery_id, "attempt": target.attempt},
+    )
+    return cursor.rowcount == 1
+
+
+def new_session(settings: Settings, concurrency: int) -> aiohttp.ClientSession:
+    """The worker process's one HTTP client session, with a pooled connector."""
+    connector = aiohttp.TCPConnector(
+        limit=max(concurrency * 2, 10), limit_per_host=0, keepalive_timeout=30,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=settings.delivery_timeout_seconds,
+        sock_connect=settings.delivery_connect_timeout_seconds,
+    )
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers={"User-Agent": USER_AGENT},
+        auto_decompress=False, raise_for_status=False,
+    )
+
+
+async def send(session: aiohttp.ClientSession, target: Claim) -> AttemptResult:
+    """POST the stored message to the callback once; never raises for network trouble."""
+    assert target.callback_url is not None
+    headers = {
+        "Content-Type": "application/json",
+        NOTIFICATION_ID_HEADER: target.notification_uuid,
+        ATTEMPT_HEADER: str(target.attempt),
+    }
+    if target.auth:
+        headers["Authorization"] = target.auth
+    started_at = datetime.now(UTC)
+    start = time.monotonic()
+    status: int | None = None
+    error_class: str | None = None
+    error_text: str | None = None
+    try:
+        async with session.post(
+            target.callback_url, data=target.message, headers=headers, allow_redirects=False
+        ) as response:
+            status = response.status
+            if not 200 <= status < 300:
+                body = await response.content.read(RESPONSE_READ_LIMIT)
+                error_class = "http_status"
+                error_text = f"HTTP {status}: {body.decode('utf-8', 'replace')}"
+            else:
+                await response.read()
+    except TimeoutError:
+        error_class, error_text = "timeout", "no answer within the delivery timeout"
+    except aiohttp.InvalidURL as exc:
+        error_class, error_text = "invalid_url", str(exc)
+    except aiohttp.ClientConnectorError as exc:
+        error_class, error_text = "connection_error", str(exc)
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        error_class = "protocol_error" if status is None else "response_error"
+        error_text = f"{type(exc).__name__}: {exc}"
+    duration_ms = int((time.monotonic() - start) * 1000)
+    if error_text is not None:
+        error_text = error_text[:ERROR_TEXT_LIMIT]
+    return AttemptResult(started_at, duration_ms, status, error_class, error_text)
