@@ -337,19 +337,20 @@ def draw_charts(run: Run, limits: Thresholds) -> list[str]:
     plt.close(figure)
     names.append("latency.png")
 
-    # CPU per component, stacked, against the machine's capacity.
+    # CPU per component, stacked, against the machine's capacity. One x per sample (the
+    # sampler stamps all components of a sample alike), so no second is dropped or doubled.
     if run.samples:
-        series: dict[str, dict[int, float]] = defaultdict(dict)
+        series: dict[str, dict[float, float]] = defaultdict(dict)
         for moment, component, percent, _ in run.samples:
-            index = int(moment - origin)
-            if 0 <= index < buckets:
-                series[component][index] = percent
+            series[component][moment] = percent
+        stamps = sorted({moment for moment, _, _, _ in run.samples})
         order = [name for name in ("api", "worker", "postgresql", "rabbitmq", "locust",
                                    "sink", "other") if name in series]
         order += [name for name in series if name not in order]
         figure, axis = plt.subplots(figsize=(10, 4.5))
-        axis.stackplot(seconds, *[[series[name].get(second, 0.0) for second in seconds]
-                                  for name in order], labels=order, alpha=0.85)
+        axis.stackplot([moment - origin for moment in stamps],
+                       *[[series[name].get(moment, 0.0) for moment in stamps] for name in order],
+                       labels=order, alpha=0.85)
         capacity = 100.0 * float(run.context.get("cpu_count", 2))
         axis.axhline(capacity, color="black", linewidth=1, linestyle="dashed",
                      label="all cores")

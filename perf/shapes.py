@@ -118,6 +118,8 @@ class KoerierShape(LoadTestShape):
         if self.current_rate <= 0:
             return now + 0.5
         interval = 1.0 / self.current_rate
+        if not self._next_slot:
+            self._next_slot = now
         if self._next_slot < now - self.max_lag_s:
             # The users could not keep up (all busy, or the generator starved of CPU): drop
             # the missed slots and say so, instead of firing them all at once.
