@@ -24,7 +24,7 @@ from typing import Any
 
 from tests.harness import free_port, wait_for_port
 
-from perf import arrange, report
+from perf import arrange, hotspots, report
 from perf.profiles import PROFILES, profile_named
 from perf.sampler import Sampler
 from perf.stack import LocalStack, StackOptions
@@ -64,6 +64,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="extra environment for the local Koerier (repeatable)")
     parser.add_argument("--results", type=Path, default=ROOT / "perf" / "results",
                         help="parent of the result directory (default perf/results)")
+    parser.add_argument("--py-spy", action="store_true",
+                        help="sample the API and worker processes with py-spy during the load "
+                             "and write hotspots-<component>.md (local stack only)")
     parser.add_argument("--drain-timeout", type=float, default=60.0,
                         help="seconds to wait for outstanding deliveries after the load")
     return parser.parse_args(argv)
@@ -183,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler: Sampler | None = None
     abonnementen: list[str] = []
     api: arrange.Api | None = None
+    profilers: dict[str, subprocess.Popen[bytes]] = {}
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     try:
         if args.target:
@@ -240,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         sampler.add("locust", locust.pid)
         sampler.start()
+        if args.py_spy and stack is not None:
+            profilers = start_profilers(stack.components(), raw)
         progress = Progress(out, sink_url, sampler)
         deadline = time.monotonic() + limit
         while locust.poll() is None:
@@ -254,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.maybe_print()
             time.sleep(0.5)
         load_during = sampler.load_averages[:]
+        stop_profilers(profilers)
 
         expected = accepted_publishes(out) * args.subscribers
         drained = drain(sink_url, expected, args.drain_timeout)
@@ -289,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if sampler is not None:
             sampler.stop()
+        stop_profilers(profilers)
         if locust is not None and locust.poll() is None:
             os.killpg(locust.pid, signal.SIGKILL)
         if api is not None and args.target and abonnementen:
@@ -299,9 +307,44 @@ def main(argv: list[str] | None = None) -> int:
         if stack is not None:
             stack.stop()
 
+    for name in profilers:
+        hotspots.write(raw / f"pyspy-{name}.txt", out / f"hotspots-{name}.md", name)
     summary, passed = report.build(out)
     print_verdict(summary, out)
     return 0 if passed else 1
+
+
+def start_profilers(components: dict[str, int],
+                    raw: Path) -> dict[str, subprocess.Popen[bytes]]:
+    """py-spy on the API and worker process trees; stopped with SIGINT, which makes it write.
+
+    ``--nonblocking`` does not pause the sampled process, so the run stays close to an
+    unprofiled one at the price of an occasional torn stack.
+    """
+    py_spy = Path(sys.executable).parent / "py-spy"
+    profilers = {}
+    for name in ("api", "worker"):
+        if name not in components:
+            continue
+        profilers[name] = subprocess.Popen(
+            [str(py_spy), "record", "--pid", str(components[name]), "--subprocesses",
+             "--nonblocking", "--rate", "100", "--format", "raw",
+             "--output", str(raw / f"pyspy-{name}.txt")],
+            stdout=open(raw / f"pyspy-{name}.log", "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return profilers
+
+
+def stop_profilers(profilers: dict[str, subprocess.Popen[bytes]]) -> None:
+    for process in profilers.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    for process in profilers.values():
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def drain(sink_url: str, expected: int, timeout: float) -> dict[str, Any]:
