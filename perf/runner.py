@@ -67,6 +67,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--py-spy", action="store_true",
                         help="sample the API and worker processes with py-spy during the load "
                              "and write hotspots-<component>.md (local stack only)")
+    parser.add_argument("--wait-quiet", type=float, metavar="LOAD",
+                        help="before starting, wait (at most --wait-max s) until the 1-minute "
+                             "load average is below LOAD: a shared machine measures noise")
+    parser.add_argument("--wait-max", type=float, default=900.0)
     parser.add_argument("--drain-timeout", type=float, default=60.0,
                         help="seconds to wait for outstanding deliveries after the load")
     return parser.parse_args(argv)
@@ -179,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     client_secret = args.secret or secrets.token_hex(16)
 
     print(f"perf/run {profile.name}: results in {out}", flush=True)
+    if args.wait_quiet is not None:
+        wait_until_quiet(args.wait_quiet, args.wait_max)
     load_before = os.getloadavg()
     stack: LocalStack | None = None
     sink: subprocess.Popen[bytes] | None = None
@@ -312,6 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     summary, passed = report.build(out)
     print_verdict(summary, out)
     return 0 if passed else 1
+
+
+def wait_until_quiet(limit: float, most_s: float) -> None:
+    started = time.monotonic()
+    while os.getloadavg()[0] >= limit and time.monotonic() - started < most_s:
+        print(f"  waiting for a quiet machine: load {os.getloadavg()[0]:.2f} >= {limit}",
+              flush=True)
+        time.sleep(15)
 
 
 def start_profilers(components: dict[str, int],
