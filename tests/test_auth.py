@@ -13,7 +13,6 @@ from tests.apiharness import bearer, secret_of
 from tests.conftest import CLIENT_CACHE_SECONDS
 
 
-
 def token(claims=None, client_id="admin", secret=None, algorithm="HS256", **header):
     payload = {"iss": client_id, "iat": int(time.time()), "client_id": client_id}
     payload.update(claims or {})

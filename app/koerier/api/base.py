@@ -113,7 +113,8 @@ class ApiHandler(tornado.web.RequestHandler):
         if unknown:
             raise errors.validation_error(
                 [
-                    errors.InvalidParam(name, "unknown-parameters", "unknown query parameter")
+                    errors.InvalidParam(name or "nonFieldErrors", "unknown-parameters",
+                                        f"unknown query parameter {name!r}")
                     for name in unknown
                 ],
                 detail=f"unknown query parameters: {', '.join(unknown)}",

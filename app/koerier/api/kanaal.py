@@ -35,12 +35,17 @@ def kanaal_fields(body: dict[str, Any]) -> dict[str, Any]:
 
 class KanaalMixin(ApiHandler):
     def representation(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {
+        representation = {
             "url": f"{self.base_url()}/api/v1/kanaal/{row['uuid']}",
             "naam": row["naam"],
             "documentatieLink": row["documentatie_link"],
             "filters": list(row["filters"]),
         }
+        # The schema makes documentatieLink an optional URI, and "" is no URI: a kanaal
+        # registered without one is returned without the field.
+        if not row["documentatie_link"]:
+            del representation["documentatieLink"]
+        return representation
 
     def check_body(self, partial: bool = False) -> dict[str, Any]:
         problems = validation.check("Kanaal", self.body, partial=partial)
