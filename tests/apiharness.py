@@ -92,6 +92,17 @@ class ApiServer:
                 continue
         return events
 
+    def wait_for_events(self, timeout: float = 5.0, **fields: Any) -> list[dict[str, Any]]:
+        """The logged events with these field values; waits for the first to be written,
+        because a line may land just after the response that it records."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [event for event in self.log_events()
+                     if all(event.get(key) == value for key, value in fields.items())]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 

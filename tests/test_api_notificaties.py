@@ -217,9 +217,7 @@ def test_notification_received_is_logged_with_ids_and_no_token(api, zaken, api_s
     response = publish(api, message())
 
     stored = response.headers["Location"].removeprefix("urn:uuid:")
-    events = [event for event in api_server.log_events()
-              if event.get("event") == "notification_received"
-              and event.get("notification") == stored]
+    events = api_server.wait_for_events(event="notification_received", notification=stored)
     assert events and events[0]["kanaal"] == "zaken" and events[0]["client_id"] == "publisher"
     assert "Bearer" not in api_server.log_text()
     assert SUBSCRIBER_AUTH not in api_server.log_text()

@@ -80,6 +80,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
          "--seed", "1",
          "--request-timeout", "10",
          "--output-truncate=true",
+         "--generation-database", "none",
          "--report", "junit", "--report-dir", str(tmp_path / "report")],
         env={**os.environ, "NO_COLOR": "1"},
         capture_output=True, text=True, timeout=TIME_BUDGET_SECONDS * 2,
