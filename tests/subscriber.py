@@ -33,10 +33,14 @@ class Received:
 class Subscriber:
     """``ports`` loopback HTTP servers; ``url(i, path)`` is a callback URL on server ``i``."""
 
-    def __init__(self, ports: int = 1, status: int = 204, require_auth: str | None = None):
+    def __init__(self, ports: int = 1, status: int = 204, require_auth: str | None = None,
+                 delay: float = 0.0, keep_alive: bool = True):
         self.ports = [free_port() for _ in range(ports)]
         self.status = status
         self.require_auth = require_auth
+        # Seconds every answer waits, as a slow but working subscriber would.
+        self.delay = delay
+        self.keep_alive = keep_alive
         self.modes = ["ok"] * ports
         self.received: list[Received] = []
         self._lock = threading.Lock()
@@ -139,9 +143,12 @@ class Subscriber:
             self.received.append(Received(position, request.path, dict(request.headers), body))
         if mode == "hang":
             await self._release.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        headers = {} if self.keep_alive else {"Connection": "close"}
         if mode == "error":
-            return web.Response(status=500, text="subscriber is broken")
+            return web.Response(status=500, text="subscriber is broken", headers=headers)
         if self.require_auth is not None and request.headers.get("Authorization") != \
                 self.require_auth:
-            return web.Response(status=403)
-        return web.Response(status=self.status)
+            return web.Response(status=403, headers=headers)
+        return web.Response(status=self.status, headers=headers)

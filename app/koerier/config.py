@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(500, ge=1)
     # A delivery for a host at its concurrency bound is rescheduled this much later.
     defer_seconds: float = Field(1.0, gt=0)
+    # A host counts as slow once one of its requests has run this long.
+    host_slow_seconds: float = Field(2.0, gt=0)
     worker_concurrency: int = Field(32, ge=1)
     retention_days: int = Field(30, ge=1)
 

@@ -23,8 +23,20 @@ class DatabaseUnavailable(Exception):
 _pool: AsyncConnectionPool | None = None
 
 
-async def open_pool(settings: Settings, *, max_size: int | None = None) -> AsyncConnectionPool:
-    """Create the process pool; it connects lazily, so a database that is down is no error."""
+async def open_pool(
+    settings: Settings,
+    *,
+    max_size: int | None = None,
+    autocommit: bool = False,
+    check: bool = True,
+) -> AsyncConnectionPool:
+    """Create the process pool; it connects lazily, so a database that is down is no error.
+
+    With ``autocommit`` (the delivery workers) every statement is its own transaction, which
+    saves the BEGIN and COMMIT round trips; blocks that need more use ``conn.transaction()``.
+    Without ``check`` a connection is not tested before it is handed out (one round trip
+    less); the caller must then retry on :class:`DatabaseUnavailable`, as the workers do.
+    """
     global _pool
     if _pool is not None:
         return _pool
@@ -32,11 +44,11 @@ async def open_pool(settings: Settings, *, max_size: int | None = None) -> Async
         settings.database_conninfo,
         min_size=settings.db_pool_min,
         max_size=max_size or settings.db_pool_max,
-        kwargs={"row_factory": dict_row, "autocommit": False},
+        kwargs={"row_factory": dict_row, "autocommit": autocommit},
         timeout=settings.db_connect_timeout_seconds,
         # A connection that broke while idle (database restart) is found and replaced
         # before it is handed out, so the first request after a restart does not fail.
-        check=AsyncConnectionPool.check_connection,
+        check=AsyncConnectionPool.check_connection if check else None,
         reconnect_timeout=0,
         open=False,
         name="koerier",

@@ -169,41 +169,82 @@ async def cancel(conn: psycopg.AsyncConnection[Any], target: Claim, reason: str)
     )
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What recording an attempt changed."""
+
+    current: bool  # False: another worker had taken the claim over meanwhile
+    consecutive_failures: int  # of the abonnement's circuit breaker, after this attempt
+    circuit_closed: bool  # this success closed a circuit that had been open
+
+
+_RECORD = """
+    WITH attempt AS (
+        INSERT INTO delivery_attempt (delivery_id, number, started_at, duration_ms,
+                                      status_code, error_class, error_text, outcome)
+        VALUES (%(id)s, %(attempt)s, %(started_at)s, %(duration_ms)s, %(status)s,
+                %(error_class)s, %(error_text)s,
+                CASE WHEN %(success)s THEN 'success' ELSE 'failure' END)
+    ), updated AS (
+        UPDATE delivery
+        SET state = %(state)s, claimed_until = NULL, last_error = %(error)s,
+            due_at = CASE WHEN %(retry_in)s::float8 IS NULL THEN due_at
+                          ELSE now() + make_interval(secs => %(retry_in)s::float8) END,
+            finished_at = CASE WHEN %(state)s IN ('delivered', 'failed') THEN now() END
+        WHERE id = %(id)s AND state = 'sending' AND attempts = %(attempt)s
+        RETURNING id
+    ), old_circuit AS (
+        SELECT open_until FROM circuit WHERE abonnement_id = %(abonnement)s
+    ), closed AS (
+        UPDATE circuit SET consecutive_failures = 0, open_until = NULL
+        WHERE %(success)s AND abonnement_id = %(abonnement)s
+          AND (consecutive_failures > 0 OR open_until IS NOT NULL)
+        RETURNING abonnement_id
+    ), failed AS (
+        INSERT INTO circuit (abonnement_id, consecutive_failures, open_until)
+        SELECT %(abonnement)s, 1, CASE WHEN %(threshold)s <= 1
+                                       THEN now() + make_interval(secs => %(open)s) END
+        WHERE NOT %(success)s
+        ON CONFLICT (abonnement_id) DO UPDATE
+        SET consecutive_failures = circuit.consecutive_failures + 1,
+            open_until = CASE WHEN circuit.consecutive_failures + 1 >= %(threshold)s
+                              THEN now() + make_interval(secs => %(open)s)
+                              ELSE circuit.open_until END
+        RETURNING consecutive_failures
+    )
+    SELECT EXISTS (SELECT 1 FROM updated) AS current,
+           coalesce((SELECT consecutive_failures FROM failed), 0) AS consecutive_failures,
+           EXISTS (SELECT 1 FROM closed)
+             AND coalesce((SELECT open_until IS NOT NULL FROM old_circuit), false)
+             AS circuit_closed
+"""
+
+
 async def record(
     conn: psycopg.AsyncConnection[Any],
     target: Claim,
     result: AttemptResult,
     next_state: str,
     retry_in: float | None,
-) -> bool:
-    """Store the attempt and the delivery's new state; False when the claim was taken over.
-
-    The attempt row is written either way: it happened, and operators should see it.
+    circuit_threshold: int,
+    circuit_open_seconds: float,
+) -> Recorded:
+    """Store the attempt, the delivery's new state and the circuit breaker's count, in one
+    statement. The attempt row is written even when the claim was taken over meanwhile:
+    the request happened, and operators should see it.
     """
-    await conn.execute(
-        """
-        INSERT INTO delivery_attempt (delivery_id, number, started_at, duration_ms,
-                                      status_code, error_class, error_text, outcome)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-        """,
-        (target.delivery_id, target.attempt, result.started_at, result.duration_ms,
-         result.status_code, result.error_class, result.error_text,
-         "success" if result.success else "failure"),
-    )
-    cursor = await conn.execute(
-        """
-        UPDATE delivery
-        SET state = %(state)s, claimed_until = NULL,
-            last_error = %(error)s,
-            due_at = CASE WHEN %(retry_in)s::float8 IS NULL THEN due_at
-                          ELSE now() + make_interval(secs => %(retry_in)s::float8) END,
-            finished_at = CASE WHEN %(state)s IN ('delivered', 'failed') THEN now() END
-        WHERE id = %(id)s AND state = 'sending' AND attempts = %(attempt)s
-        """,
-        {"state": next_state, "error": None if result.success else result.summary,
-         "retry_in": retry_in, "id": target.delivery_id, "attempt": target.attempt},
-    )
-    return cursor.rowcount == 1
+    cursor = await conn.execute(_RECORD, {
+        "id": target.delivery_id, "attempt": target.attempt, "abonnement": target.abonnement_id,
+        "started_at": result.started_at, "duration_ms": result.duration_ms,
+        "status": result.status_code, "error_class": result.error_class,
+        "error_text": result.error_text, "success": result.success,
+        "state": next_state, "error": None if result.success else result.summary,
+        "retry_in": retry_in, "threshold": circuit_threshold, "open": circuit_open_seconds,
+    })
+    row = await cursor.fetchone()
+    assert row is not None
+    return Recorded(bool(row["current"]), int(row["consecutive_failures"]),
+                    bool(row["circuit_closed"]))
 
 
 def new_session(settings: Settings, concurrency: int) -> aiohttp.ClientSession:

@@ -115,7 +115,7 @@ class Relay:
     async def relay_once(self) -> int:
         """One pass: publish what is due and what is stale; returns how many were taken."""
         limit = self._settings.relay_batch_size
-        async with db.connection() as conn:
+        async with db.connection() as conn, conn.transaction():
             due = await self._ids(conn, _DUE, {
                 "grace": self._settings.relay_grace_seconds, "limit": limit})
             stale = await self._ids(conn, _STALE, {

@@ -9,9 +9,10 @@ Isolation, so that one bad subscriber cannot slow the others:
 
 - ``--concurrency`` bounds the HTTP requests in flight in the process;
 - a callback host (scheme, host and port) gets at most ``KOERIER_PER_HOST_CONCURRENCY`` of
-  them, and at most as many more may wait for that host without holding a request slot;
-  beyond that a delivery is deferred (rescheduled ``KOERIER_DEFER_SECONDS`` later, not
-  counted as an attempt) and its message acked;
+  them; more deliveries for a quick host wait for it without holding a request slot, but
+  once one of the host's requests has run ``KOERIER_HOST_SLOW_SECONDS``, a delivery that
+  would have to wait is deferred (rescheduled ``KOERIER_DEFER_SECONDS`` later, not counted
+  as an attempt) and its message acked;
 - a circuit breaker per abonnement, shared by all workers through the ``circuit`` table:
   after ``KOERIER_CIRCUIT_FAILURE_THRESHOLD`` consecutive failed attempts it opens for
   ``KOERIER_CIRCUIT_OPEN_SECONDS``; deliveries for an open circuit are deferred until it
@@ -22,6 +23,7 @@ Isolation, so that one bad subscriber cannot slow the others:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import os
 import random
@@ -53,29 +55,69 @@ class ShuttingDown(Exception):
     """The worker is stopping; the message is left to the broker to hand out again."""
 
 
-class HostGate:
-    """Per callback host: at most ``limit`` requests, at most ``limit`` more waiting."""
+class _Host:
+    """The requests of one callback host in this process."""
 
     def __init__(self, limit: int) -> None:
+        self.semaphore = asyncio.Semaphore(limit)
+        self.users = 0
+        self.started: dict[int, float] = {}
+
+
+class HostGate:
+    """At most ``limit`` requests per callback host; the others wait without a request slot.
+
+    A delivery waits for its host only while the host is quick. The host counts as slow
+    when one of its requests has been running for ``slow_after`` seconds; then a delivery
+    that would have to wait is deferred instead, so a hanging host cannot fill the
+    prefetch with waiting messages.
+    """
+
+    def __init__(self, limit: int, slow_after: float) -> None:
         self._limit = limit
-        self._semaphores: dict[str, asyncio.Semaphore] = {}
-        self._holders: dict[str, int] = {}
+        self._slow_after = slow_after
+        self._hosts: dict[str, _Host] = {}
+        self._tokens = itertools.count()
 
-    def admit(self, host: str) -> asyncio.Semaphore | None:
-        """The host's semaphore when the delivery may go (now or soon), else None."""
-        holders = self._holders.get(host, 0)
-        if holders >= 2 * self._limit:
-            return None
-        self._holders[host] = holders + 1
-        return self._semaphores.setdefault(host, asyncio.Semaphore(self._limit))
+    def _slow(self, host: _Host) -> bool:
+        if not host.started:
+            return False
+        return time.monotonic() - min(host.started.values()) >= self._slow_after
 
-    def leave(self, host: str) -> None:
-        holders = self._holders[host] - 1
-        if holders:
-            self._holders[host] = holders
-        else:
-            del self._holders[host]
-            self._semaphores.pop(host, None)
+    async def acquire(self, key: str) -> int | None:
+        """A token for a request slot of the host, or None when the delivery should defer."""
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._hosts[key] = _Host(self._limit)
+        host.users += 1
+        try:
+            while True:
+                if host.semaphore.locked() and self._slow(host):
+                    return None
+                try:
+                    await asyncio.wait_for(host.semaphore.acquire(), self._slow_after)
+                    break
+                except TimeoutError:
+                    continue
+        except BaseException:
+            self._leave(key, host)
+            raise
+        token = next(self._tokens)
+        host.started[token] = time.monotonic()
+        return token
+
+    def release(self, key: str, token: int | None) -> None:
+        """Give the slot back (token from :meth:`acquire`) or, with None, the waiting place."""
+        host = self._hosts[key]
+        if token is not None:
+            del host.started[token]
+            host.semaphore.release()
+        self._leave(key, host)
+
+    def _leave(self, key: str, host: _Host) -> None:
+        host.users -= 1
+        if host.users == 0:
+            del self._hosts[key]
 
 
 def host_key(url: str) -> str:
@@ -97,45 +139,6 @@ async def _circuit_take_probe(
     return cursor.rowcount == 1
 
 
-async def _circuit_failure(
-    conn: psycopg.AsyncConnection[Any], abonnement_id: int, threshold: int, open_seconds: float
-) -> int:
-    """Count a failed attempt; returns the consecutive failures so far."""
-    cursor = await conn.execute(
-        """
-        INSERT INTO circuit (abonnement_id, consecutive_failures, open_until)
-        VALUES (%(id)s, 1, CASE WHEN %(threshold)s <= 1
-                               THEN now() + make_interval(secs => %(open)s) END)
-        ON CONFLICT (abonnement_id) DO UPDATE
-        SET consecutive_failures = circuit.consecutive_failures + 1,
-            open_until = CASE WHEN circuit.consecutive_failures + 1 >= %(threshold)s
-                              THEN now() + make_interval(secs => %(open)s)
-                              ELSE circuit.open_until END
-        RETURNING consecutive_failures
-        """,
-        {"id": abonnement_id, "threshold": threshold, "open": open_seconds},
-    )
-    row = await cursor.fetchone()
-    assert row is not None
-    return int(row["consecutive_failures"])
-
-
-async def _circuit_success(conn: psycopg.AsyncConnection[Any], abonnement_id: int) -> bool:
-    """Reset the breaker after a success; True when it had been open (now closed)."""
-    cursor = await conn.execute(
-        """
-        UPDATE circuit c SET consecutive_failures = 0, open_until = NULL
-        FROM (SELECT open_until FROM circuit WHERE abonnement_id = %(id)s FOR UPDATE) old
-        WHERE c.abonnement_id = %(id)s
-          AND (c.consecutive_failures > 0 OR c.open_until IS NOT NULL)
-        RETURNING old.open_until IS NOT NULL AS was_open
-        """,
-        {"id": abonnement_id},
-    )
-    row = await cursor.fetchone()
-    return bool(row and row["was_open"])
-
-
 class Worker:
     """One worker process: consumer, delivery tasks, relay (see the module docstring)."""
 
@@ -145,7 +148,7 @@ class Worker:
         self._index = index
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
-        self._hosts = HostGate(settings.per_host_concurrency)
+        self._hosts = HostGate(settings.per_host_concurrency, settings.host_slow_seconds)
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer = Consumer(settings, settings.worker_prefetch, self._on_message)
         self._publisher = Publisher(settings)
@@ -165,7 +168,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
-        await db.open_pool(self._settings)
+        await db.open_pool(self._settings, autocommit=True, check=False)
         self._session = delivery.new_session(self._settings, self._concurrency)
         self._consumer.start()
         self._publisher.start()
@@ -264,21 +267,21 @@ class Worker:
                 return "deferred_circuit_open"
 
         host = host_key(target.callback_url)
-        semaphore = self._hosts.admit(host)
-        if semaphore is None:
-            delay = self._settings.defer_seconds * random.uniform(1, 1.5)
-            await self._with_database(lambda conn: delivery.defer(conn, target, delay))
-            bound.debug("delivery_deferred", reason="host_busy", retry_in_s=round(delay, 2))
-            return "deferred_host_busy"
+        token = await self._hosts.acquire(host)
         try:
-            async with semaphore, self._slots:
+            if token is None:
+                delay = self._settings.defer_seconds * random.uniform(1, 1.5)
+                await self._with_database(lambda conn: delivery.defer(conn, target, delay))
+                bound.info("delivery_deferred", reason="host_busy", retry_in_s=round(delay, 2))
+                return "deferred_host_busy"
+            async with self._slots:
                 if self._stopping.is_set():
                     await self._with_database(lambda conn: delivery.defer(conn, target, 0))
                     return "deferred_shutdown"
                 assert self._session is not None
                 result = await delivery.send(self._session, target)
         finally:
-            self._hosts.leave(host)
+            self._hosts.release(host, token)
         return await self._record(target, result, bound)
 
     async def _circuit_gate(self, target: delivery.Claim, bound: Any) -> bool:
@@ -308,17 +311,11 @@ class Worker:
         else:
             next_state, retry_in = "scheduled", delivery.retry_delay(settings, target.retry)
 
-        async def store(conn: psycopg.AsyncConnection[Any]) -> tuple[bool, int, bool]:
-            current = await delivery.record(conn, target, result, next_state, retry_in)
-            if result.success:
-                closed = await _circuit_success(conn, target.abonnement_id)
-                return current, 0, closed
-            failures = await _circuit_failure(
-                conn, target.abonnement_id, settings.circuit_failure_threshold,
-                settings.circuit_open_seconds)
-            return current, failures, False
-
-        current, failures, closed = await self._with_database(store)
+        recorded = await self._with_database(lambda conn: delivery.record(
+            conn, target, result, next_state, retry_in,
+            settings.circuit_failure_threshold, settings.circuit_open_seconds))
+        failures, closed, current = (recorded.consecutive_failures, recorded.circuit_closed,
+                                     recorded.current)
         if closed:
             metrics.CIRCUIT_EVENTS.labels("closed").inc()
             bound.info("circuit_closed", abonnement_id=target.abonnement_uuid)
