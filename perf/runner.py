@@ -64,6 +64,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="extra environment for the local Koerier (repeatable)")
     parser.add_argument("--results", type=Path, default=ROOT / "perf" / "results",
                         help="parent of the result directory (default perf/results)")
+    parser.add_argument("--app", type=Path, metavar="DIR",
+                        help="run the local Koerier from another checkout's app/ directory "
+                             "(a git worktree with a candidate change), for A/B comparisons")
     parser.add_argument("--py-spy", action="store_true",
                         help="sample the API and worker processes with py-spy during the load "
                              "and write hotspots-<component>.md (local stack only)")
@@ -130,15 +133,17 @@ def accepted_publishes(out: Path) -> int:
         return sum(1 for row in csv.DictReader(handle) if not row["error"])
 
 
-def git_commit() -> str:
+def git_commit(tree: Path) -> str:
+    """The commit the measured app/ comes from, and whether app/ had uncommitted changes."""
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "app"],
+        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "app"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    return commit + ("+uncommitted app changes" if dirty else "")
+    label = commit + ("+uncommitted app changes" if dirty else "")
+    return label if tree == ROOT else f"{label} ({tree})"
 
 
 def knobs_from(args: argparse.Namespace) -> dict[str, float]:
@@ -200,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             stack_description = f"external Koerier at {target}"
         else:
             extra = dict(item.split("=", 1) for item in args.env)
+            if args.app is not None:
+                # PYTHONPATH comes before the editable install, so this koerier wins.
+                extra["PYTHONPATH"] = str(args.app.resolve())
             options = StackOptions(args.api_processes, args.worker_processes,
                                    args.worker_concurrency, args.log_level, extra)
             stack = LocalStack(options, raw, args.client_id, client_secret)
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             "knobs": {**profile.knobs, **knobs},
             "target_rate": {**profile.knobs, **knobs}.get("rate"),
             "command": "perf/run " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "commit": git_commit(),
+            "commit": git_commit(args.app.resolve().parent if args.app else ROOT),
             "started": stamp,
             "target": target,
             "stack_description": stack_description,
