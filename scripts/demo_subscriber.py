@@ -26,8 +26,9 @@ def make_handler(expected_auth: str) -> type[BaseHTTPRequestHandler]:
                 message = json.loads(body)
             except ValueError:
                 message = body.decode(errors="replace")
-            notification_id = self.headers.get("Koerier-Notification-Id", "-")
-            print(f"[demo subscriber] received notification {notification_id}: "
+            notification_id = self.headers.get("Koerier-Notification-Id")
+            what = f"notification {notification_id}" if notification_id else "subscription probe"
+            print(f"[demo subscriber] received {what}: "
                   f"{json.dumps(message, ensure_ascii=False)}", flush=True)
 
         def log_message(self, format: str, *args: object) -> None:
