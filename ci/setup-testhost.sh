@@ -20,12 +20,13 @@ mkdir -p "$TESTHOST_DIR"
 
 log() { printf '[setup-testhost] %s\n' "$*"; }
 
-# 1. Host packages: podman, runc (crun is unusable here), debootstrap.
+# 1. Host packages: podman, runc (crun is unusable here), debootstrap, and vagrant
+#    (only for `vagrant validate`: no VM runs here).
 if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
-    || ! command -v debootstrap >/dev/null; then
-  log "installing podman, runc, debootstrap"
+    || ! command -v debootstrap >/dev/null || ! command -v vagrant >/dev/null; then
+  log "installing podman, runc, debootstrap, vagrant"
   apt-get update -qq
-  apt-get install -y -qq podman runc debootstrap >/dev/null
+  apt-get install -y -qq podman runc debootstrap vagrant >/dev/null
 fi
 
 # 2. Podman engine settings for this sandbox: runc, and rlimits no higher than ours.
