@@ -147,7 +147,8 @@ def test_validation_error_lists_every_field(api):
 def server_with_its_own_database(tmp_path, base_env):
     pg = PostgresServer()
     pg.start()
-    env = koerier_env(pg) | {"KOERIER_DB_CONNECT_TIMEOUT_SECONDS": "1"}
+    # The session's broker stays up; only this server's database goes down.
+    env = base_env | koerier_env(pg) | {"KOERIER_DB_CONNECT_TIMEOUT_SECONDS": "1"}
     from koerier import migrations
     from koerier.config import Settings
 
@@ -181,10 +182,20 @@ def test_database_down_is_503_quickly(server_with_its_own_database):
     assert "Traceback" not in response.text
 
 
+def wait_until_ready(api, timeout=15.0):
+    # The broker publisher connects in the background after the server starts listening.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if api.get("/readyz", client=None).status_code == 200:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_readyz_reports_database_down(server_with_its_own_database):
     pg, server = server_with_its_own_database
     api = Api(server.url)
-    assert api.get("/readyz", client=None).status_code == 200
+    assert wait_until_ready(api)
     pg.stop()
 
     response = api.get("/readyz", client=None)

@@ -74,7 +74,7 @@ class ClientCache:
                 (client_id,),
             )
             row = await cursor.fetchone()
-        return _client_from_row(row) if row else None
+        return _client_from_row(row) if row else None  # type: ignore[arg-type]
 
 
 def _client_from_row(row: dict[str, object]) -> ApiClient:

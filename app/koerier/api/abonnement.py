@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 
 from koerier import db, filters, logs, probe
 from koerier.api import errors, validation
-from koerier.api.base import ApiHandler
+from koerier.api.base import ApiHandler, many, one
 from koerier.api.errors import InvalidParam
 from koerier.api.kanaal import parse_uuid
 from koerier.clients import SCOPE_CONSUME, SCOPE_PUBLISH
@@ -84,7 +84,7 @@ class AbonnementMixin(ApiHandler):
         cursor = await conn.execute(
             "SELECT naam, filters FROM kanaal WHERE naam = ANY(%s)", (names,)
         )
-        declared = {row["naam"]: row["filters"] for row in await cursor.fetchall()}
+        declared = {row["naam"]: row["filters"] for row in many(await cursor.fetchall())}
         problems = []
         for index, group in enumerate(kanalen):
             naam = group["naam"]
@@ -159,7 +159,7 @@ class AbonnementListHandler(AbonnementMixin):
                     f"SELECT {COLUMNS} FROM abonnement WHERE client_id = %s ORDER BY id",
                     (self.principal.client_id,),
                 )
-            rows = await cursor.fetchall()
+            rows = many(await cursor.fetchall())
         self.send_json([self.representation(row) for row in rows])
 
     async def post(self) -> None:
@@ -182,7 +182,7 @@ class AbonnementListHandler(AbonnementMixin):
                 (uuid.uuid4(), body["callbackUrl"], body["auth"], self.principal.client_id,
                  Jsonb(kanalen)),
             )
-            row = await cursor.fetchone()
+            row = one(await cursor.fetchone())
             assert row is not None
             await self.save_filters(conn, row["id"], kanalen)
         log.info("abonnement_created", abonnement=str(row["uuid"]),
@@ -203,7 +203,7 @@ class AbonnementDetailHandler(AbonnementMixin):
             + (" FOR UPDATE" if lock else ""),
             (abonnement_uuid,),
         )
-        row = await cursor.fetchone()
+        row = one(await cursor.fetchone())
         if row is None or not self.visible(row):
             raise errors.not_found()
         return row
@@ -266,7 +266,7 @@ class AbonnementDetailHandler(AbonnementMixin):
                 """,
                 (callback_url, auth, Jsonb(kanalen), locked["id"]),
             )
-            row = await cursor.fetchone()
+            row = one(await cursor.fetchone())
             assert row is not None
             await self.save_filters(conn, row["id"], kanalen)
         log.info("abonnement_updated", abonnement=str(row["uuid"]),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import orjson
 import psycopg
@@ -30,6 +30,17 @@ JSON_TYPES = ("application/json", "application/problem+json", "application/*", "
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
 log = logs.get("koerier.api")
+
+Row = dict[str, Any]
+
+
+def one(row: object) -> Row | None:
+    """A row of the pool's connections, which make dicts (``dict_row``)."""
+    return cast(Row | None, row)
+
+
+def many(rows: object) -> list[Row]:
+    return cast(list[Row], rows)
 
 
 @dataclass

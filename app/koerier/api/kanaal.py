@@ -7,7 +7,7 @@ from typing import Any
 
 from koerier import db, logs
 from koerier.api import errors, validation
-from koerier.api.base import ApiHandler
+from koerier.api.base import ApiHandler, many, one
 from koerier.clients import SCOPE_CONSUME, SCOPE_PUBLISH
 
 log = logs.get("koerier.api.kanaal")
@@ -68,7 +68,7 @@ class KanaalListHandler(KanaalMixin):
                 cursor = await conn.execute(
                     f"SELECT {COLUMNS} FROM kanaal WHERE naam = %s ORDER BY id", (naam,)
                 )
-            rows = await cursor.fetchall()
+            rows = many(await cursor.fetchall())
         self.send_json([self.representation(row) for row in rows])
 
     async def post(self) -> None:
@@ -83,7 +83,7 @@ class KanaalListHandler(KanaalMixin):
                 """,
                 (uuid.uuid4(), fields["naam"], fields["documentatie_link"], fields["filters"]),
             )
-            row = await cursor.fetchone()
+            row = one(await cursor.fetchone())
         if row is None:
             raise errors.invalid("naam", "unique", f"a kanaal named {fields['naam']!r} exists")
         log.info("kanaal_created", kanaal=row["naam"], uuid=str(row["uuid"]),
@@ -106,7 +106,7 @@ class KanaalDetailHandler(KanaalMixin):
             cursor = await conn.execute(
                 f"SELECT {COLUMNS} FROM kanaal WHERE uuid = %s", (kanaal_uuid,)
             )
-            row = await cursor.fetchone()
+            row = one(await cursor.fetchone())
         if row is None:
             raise errors.not_found()
         self.send_json(self.representation(row))
@@ -124,7 +124,7 @@ class KanaalDetailHandler(KanaalMixin):
             cursor = await conn.execute(
                 f"SELECT {COLUMNS} FROM kanaal WHERE uuid = %s FOR UPDATE", (kanaal_uuid,)
             )
-            current = await cursor.fetchone()
+            current = one(await cursor.fetchone())
             if current is None:
                 raise errors.not_found()
             if "naam" in body and body["naam"] != current["naam"]:
@@ -146,7 +146,7 @@ class KanaalDetailHandler(KanaalMixin):
                 """,
                 (documentatie_link, kanaal_filters, kanaal_uuid),
             )
-            row = await cursor.fetchone()
+            row = one(await cursor.fetchone())
         assert row is not None
         log.info("kanaal_updated", kanaal=row["naam"], uuid=str(row["uuid"]))
         self.send_json(self.representation(row))
