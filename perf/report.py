@@ -352,8 +352,9 @@ def draw_charts(run: Run, limits: Thresholds) -> list[str]:
         for moment, component, percent, _ in run.samples:
             series[component][moment] = percent
         stamps = sorted({moment for moment, _, _, _ in run.samples})
-        order = [name for name in ("api", "worker", "postgresql", "rabbitmq", "locust",
-                                   "sink", "other") if name in series]
+        known: tuple[str, ...] = ("api", "worker", "postgresql", "rabbitmq", "locust", "sink",
+                                  "other")
+        order = [name for name in known if name in series]
         order += [name for name in series if name not in order]
         figure, axis = plt.subplots(figsize=(10, 4.5))
         axis.stackplot([moment - origin for moment in stamps],
@@ -395,6 +396,11 @@ def build(directory: Path) -> tuple[dict[str, Any], bool]:
     figures = window_figures(run, start, end)
     deliveries = delivery_figures(run)
     resources = resource_figures(run, start, end)
+    # CPU cost per accepted notification: the figure that sizing scales from.
+    for values in resources.values():
+        values["cpu_ms_per_notification"] = (
+            round(values["cpu_mean"] * 10.0 / figures["rate"], 2) if figures["rate"] else None
+        )
     checks = checks_for(run, limits, figures, deliveries)
     passed = all(check.passed for check in checks)
     steps = [
@@ -477,13 +483,14 @@ def markdown(summary: dict[str, Any], charts: list[str]) -> str:
         "",
         "## Resources (same window)",
         "",
-        "| component | CPU mean % | CPU peak % | memory peak MB (PSS) |",
-        "| --- | --- | --- | --- |",
+        "| component | CPU mean % | CPU peak % | CPU ms per notification | memory peak MB (PSS) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for component, values in summary["resources"].items():
+        peak = values["memory_peak_mb"]
         lines.append(f"| {component} | {values['cpu_mean']} | {values['cpu_peak']} | "
-                     f"{values['memory_peak_mb'] if values['memory_peak_mb'] is not None else ''}"
-                     " |")
+                     f"{values.get('cpu_ms_per_notification')} | "
+                     f"{peak if peak is not None else ''} |")
     lines += ["", "CPU in % of one core (200 % = both cores). `other` is everything on the "
               "machine that was not part of the run.", ""]
     memory = summary["memory_per_process_mb"]

@@ -344,7 +344,7 @@ def start_profilers(components: dict[str, int],
     unprofiled one at the price of an occasional torn stack.
     """
     py_spy = Path(sys.executable).parent / "py-spy"
-    profilers = {}
+    profilers: dict[str, subprocess.Popen[bytes]] = {}
     for name in ("api", "worker"):
         if name not in components:
             continue

@@ -306,7 +306,9 @@ class RaiseRate(KoerierShape):
         elapsed = self.get_run_time()
         if self.finished:
             self.poll()
-            return None if elapsed >= self._cooldown_until else (self.runner.user_count, 100)
+            if elapsed >= self._cooldown_until:
+                return None
+            return self.runner.user_count if self.runner else 0, 100
         self.poll()
         if not self.phases:
             self._start_step()
@@ -395,4 +397,5 @@ def build(profile_name: str, overrides: dict[str, float] | None = None) -> type[
         knobs[name] = value
     knobs.update(abstract=False, profile_name=profile.name, thresholds=profile.thresholds)
     # The metaclass of LoadTestShape, so the new class is registered like a written one.
-    return type(base)(base.__name__, (base,), knobs)
+    shape: type[KoerierShape] = type(base)(base.__name__, (base,), knobs)  # type: ignore[misc]
+    return shape
