@@ -445,7 +445,8 @@ def markdown(summary: dict[str, Any], charts: list[str]) -> str:
         f"Command: `{context.get('command', '')}`  ",
         f"Commit: `{context.get('commit', '?')}`, started {context.get('started', '?')}, "
         f"target {context.get('target', '?')}  ",
-        f"Stack: {context.get('stack_description', '?')}  ",
+        f"Stack: {context.get('stack_description', '?')}"
+        + (f", niceness {context['nice']}" if context.get("nice") else "") + "  ",
         f"Machine: {context.get('cpu_count', '?')} CPUs; load average before "
         f"{context.get('load_before')}, during (mean/max) {context.get('load_during')}, "
         f"after {context.get('load_after')}",

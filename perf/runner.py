@@ -70,6 +70,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--py-spy", action="store_true",
                         help="sample the API and worker processes with py-spy during the load "
                              "and write hotspots-<component>.md (local stack only)")
+    parser.add_argument("--nice", type=int, default=0, metavar="N",
+                        help="run the whole stack, sink and locust at this niceness (e.g. -5 "
+                             "on a machine shared with other work; needs root); recorded in "
+                             "the report")
     parser.add_argument("--wait-quiet", type=float, metavar="LOAD",
                         help="before starting, wait (at most --wait-max s) until the 1-minute "
                              "load average is below LOAD: a shared machine measures noise")
@@ -190,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"perf/run {profile.name}: results in {out}", flush=True)
     if args.wait_quiet is not None:
         wait_until_quiet(args.wait_quiet, args.wait_max)
+    if args.nice:
+        # Every process of the run is a child of this one and inherits the niceness.
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     load_before = os.getloadavg()
     stack: LocalStack | None = None
     sink: subprocess.Popen[bytes] | None = None
@@ -300,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_during": _load_summary(load_during),
             "load_after": [round(value, 2) for value in os.getloadavg()],
             "drain": drained,
+            "nice": args.nice,
             "locust_exit_code": locust.returncode,
         }
         (out / "context.json").write_text(json.dumps(context, indent=1))
