@@ -49,9 +49,12 @@ _STALE = """
     FOR UPDATE SKIP LOCKED
 """
 
+# Only a delivery nobody has touched yet (due_at still equals created_at): a fast worker
+# may have claimed, attempted and rescheduled it before the broker's confirm came back,
+# and such a retry must stay 'scheduled' for the relay.
 _MARK_QUEUED = """
     UPDATE delivery SET state = 'queued', queued_at = now()
-    WHERE id = ANY(%s) AND state = 'scheduled'
+    WHERE id = ANY(%s) AND state = 'scheduled' AND due_at = created_at
 """
 
 _STATS = """
@@ -98,6 +101,8 @@ class Relay:
                 self._database_is(up=False, error=str(exc))
             except psycopg.Error as exc:
                 log.error("relay_failed", error=str(exc).strip().splitlines()[0])
+            except Exception:  # the relay must outlive any one bad pass
+                log.exception("relay_failed")
             if moved < self._settings.relay_batch_size:
                 try:
                     await asyncio.wait_for(stopping.wait(), self._settings.relay_interval_seconds)
