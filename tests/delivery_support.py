@@ -7,6 +7,7 @@ transaction), and the test hands the ids to a real publisher or leaves them to t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +43,14 @@ FAST_ENV = {
 
 def message(kanaal: str = KANAAL, **extra: Any) -> str:
     """A notification body as a publisher would send it: odd key order and spacing kept."""
+    a_minute_ago = datetime.now(UTC) - timedelta(minutes=1)
     body = {
         "kanaal": kanaal,
         "hoofdObject": "https://zaken.example/api/v1/zaken/1",
         "resource": "zaak",
         "resourceUrl": "https://zaken.example/api/v1/zaken/1",
         "actie": "create",
-        "aanmaakdatum": "2026-12-03T10:00:00+01:00",
+        "aanmaakdatum": a_minute_ago.isoformat(timespec="seconds"),
         "kenmerken": {"bron": "082096752011", "zaaktype": "https://zt.example/1"},
         **extra,
     }
@@ -164,3 +168,59 @@ class WorkerProcess:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Published:
+    """The answer to one ``POST /notificaties``."""
+
+    status: int  # 0: no answer (connection error or client timeout)
+    notification_uuid: str | None
+    content_type: str
+    at: float
+    error: str = ""
+
+
+def publish(api_url: str, token: str, count: int, concurrency: int = 20,
+            timeout: float = 15.0, body: Callable[[int], str] | None = None) -> list[Published]:
+    """POST ``count`` notifications, ``concurrency`` at a time, through the real API."""
+    return asyncio.run(_publish(api_url, token, count, concurrency, timeout, body))
+
+
+async def _publish(api_url: str, token: str, count: int, concurrency: int, timeout: float,
+                   body: Callable[[int], str] | None) -> list[Published]:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    results: list[Published] = []
+    indexes = iter(range(count))
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        connector=aiohttp.TCPConnector(limit=concurrency),
+    ) as session:
+
+        async def one_after_another() -> None:
+            for index in indexes:
+                data = body(index) if body else message()
+                try:
+                    async with session.post(f"{api_url}/api/v1/notificaties", data=data,
+                                            headers=headers) as response:
+                        await response.read()
+                        location = response.headers.get("Location", "")
+                        results.append(Published(
+                            response.status, location.removeprefix("urn:uuid:") or None,
+                            response.headers.get("Content-Type", ""), time.time()))
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    results.append(Published(0, None, "", time.time(), repr(exc)))
+
+        await asyncio.gather(*(one_after_another() for _ in range(concurrency)))
+    return results
+
+
+def api_token(conn: psycopg.Connection[Any]) -> str:
+    """Register the test publisher client and return a fresh token for it."""
+    from koerier.auth import make_token
+    from tests.apiharness import insert_clients, secret_of
+
+    insert_clients(conn)
+    return make_token("publisher", secret_of("publisher"))
