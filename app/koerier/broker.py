@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -88,6 +89,9 @@ class _ChannelKeeper:
 
     def start(self) -> None:
         """Connect in the background (call inside the running loop)."""
+        # pika logs every refused connection with a traceback; broker_connect_failed says
+        # the same once per try, as one structured line.
+        logging.getLogger("pika").setLevel(logging.CRITICAL)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._keep_connected())
 
