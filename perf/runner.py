@@ -71,9 +71,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="sample the API and worker processes with py-spy during the load "
                              "and write hotspots-<component>.md (local stack only)")
     parser.add_argument("--nice", type=int, default=0, metavar="N",
-                        help="run the whole stack, sink and locust at this niceness (e.g. -5 "
-                             "on a machine shared with other work; needs root); recorded in "
-                             "the report")
+                        help="run the whole stack, sink and locust at this niceness, process "
+                             "and autogroup (e.g. -5 on a machine shared with other work; "
+                             "needs root); recorded in the report")
     parser.add_argument("--wait-quiet", type=float, metavar="LOAD",
                         help="before starting, wait (at most --wait-max s) until the 1-minute "
                              "load average is below LOAD: a shared machine measures noise")
@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             stderr=subprocess.STDOUT, start_new_session=True,
         )
         sampler.add("locust", locust.pid)
+        if args.nice:
+            renice_sessions(sampler.components, args.nice)
         sampler.start()
         if args.py_spy and stack is not None:
             profilers = start_profilers(stack.components(), raw)
@@ -334,6 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     summary, passed = report.build(out)
     print_verdict(summary, out)
     return 0 if passed else 1
+
+
+def renice_sessions(components: dict[str, int], nice: int) -> None:
+    """Give each component's session (autogroup) the niceness too.
+
+    With the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``)
+    CPU is first shared between sessions, and a process's own niceness only counts within
+    its session; every component runs in a session of its own, so without this ``--nice``
+    would not change its share of a machine shared with other work.
+    """
+    for pid in components.values():
+        try:
+            Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+        except OSError:
+            continue
 
 
 def wait_until_quiet(limit: float, most_s: float) -> None:
