@@ -243,6 +243,12 @@ class Worker:
             # Not acked: the broker hands the message out again, flagged as redelivered,
             # and the claim rule lets the next worker take the delivery over.
             return
+        except Exception:
+            # A bug or an unexpected database error: keep the message, try again shortly.
+            log.exception("delivery_error", delivery_id=delivery_id)
+            await asyncio.sleep(1)
+            self._consumer.requeue(message)
+            return
         metrics.DELIVERIES.labels(outcome).inc()
         self._consumer.ack(message)
 
