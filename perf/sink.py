@@ -148,15 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="where the arrivals CSV is written")
     args = parser.parse_args(argv)
 
-    try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:
-        uvloop = None
+    # Plain asyncio on purpose: the sink stays the same whatever else is installed, so runs
+    # compare. It costs about 0.35 ms of CPU per delivery (the reports' sink row).
     sink = Sink(args.subscribers, args.secret, args.out)
-    if uvloop is not None:
-        uvloop.run(serve(sink, args.host, args.port))
-    else:
-        asyncio.run(serve(sink, args.host, args.port))
+    asyncio.run(serve(sink, args.host, args.port))
 
 
 if __name__ == "__main__":
