@@ -254,7 +254,7 @@ def generator_warnings(run: Run, resources: dict[str, Any]) -> list[str]:
     missed = run.phases.get("missed_slots", 0)
     late = run.phases.get("late_sends", 0)
     if missed:
-        warnings.append(f"{missed} send slots were missed (every user busy or locust starved)")
+        warnings.append(f"{missed} send slots were missed: every user was waiting for an answer (Koerier slower than the rate) or locust was starved of CPU")
     if late and run.publishes and late > 0.01 * len(run.publishes):
         warnings.append(f"{late} sends started more than 50 ms after their slot")
     locust = resources.get("locust", {})
@@ -405,7 +405,7 @@ def build(directory: Path) -> tuple[dict[str, Any], bool]:
     passed = all(check.passed for check in checks)
     steps = [
         {"name": phase["name"], "target_rate": phase.get("target_rate"),
-         "users": phase.get("users"),
+         "users": phase.get("users"), "held": phase.get("held"),
          **window_figures(run, phase["start"], phase.get("end") or end)}
         for phase in run.phases.get("phases", [])
     ]
@@ -506,16 +506,18 @@ def markdown(summary: dict[str, Any], charts: list[str]) -> str:
         lines += [
             "## Phases",
             "",
-            "| phase | target/s | users | accepted/s | failed | POST p95 | p99 | e2e p95 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| phase | target/s | users | accepted/s | failed | POST p95 | p99 | e2e p95 | held |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for step in summary["steps"]:
+            held = {True: "yes", False: "no"}.get(step.get("held"), "")
             lines.append(
                 f"| {step['name']} | {step['target_rate'] or ''} | {step['users'] or ''} | "
                 f"{step['rate']} | {step['failed']} | {step['post_p95_ms']} | "
-                f"{step['post_p99_ms']} | {step['e2e_p95_ms']} |"
+                f"{step['post_p99_ms']} | {step['e2e_p95_ms']} | {held} |"
             )
-        lines.append("")
+        lines += ["", "Figures per whole phase. `held` is the shape's own judgement of a "
+                  "`max` step, made on the step without its first `settle_s` seconds.", ""]
     if summary["max"]:
         lines += [f"**Last rate that held: {summary['max'].get('last_held_rate')}/s** "
                   f"(stopped: {summary['max'].get('stop_reason')}).", ""]
