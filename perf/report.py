@@ -254,7 +254,8 @@ def generator_warnings(run: Run, resources: dict[str, Any]) -> list[str]:
     missed = run.phases.get("missed_slots", 0)
     late = run.phases.get("late_sends", 0)
     if missed:
-        warnings.append(f"{missed} send slots were missed: every user was waiting for an answer (Koerier slower than the rate) or locust was starved of CPU")
+        warnings.append(f"{missed} send slots were missed: every user was waiting for an "
+                        "answer (Koerier slower than the rate) or locust was starved of CPU")
     if late and run.publishes and late > 0.01 * len(run.publishes):
         warnings.append(f"{late} sends started more than 50 ms after their slot")
     locust = resources.get("locust", {})
