@@ -230,3 +230,20 @@ def test_publish_response_is_the_body_byte_for_byte(api, zaken):
                         headers={"Content-Type": "application/json"})
 
     assert response.content == raw
+
+
+def received_count(api, kanaal):
+    text = api.get("/metrics").text
+    prefix = f'koerier_notifications_received_total{{kanaal="{kanaal}"}} '
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+
+
+def test_publish_counts_the_notification_per_kanaal_in_metrics(api, zaken):
+    before = received_count(api, "zaken")
+
+    assert publish(api, message()).status_code == 201
+    assert publish(api, message(kanaal="onbekend")).status_code == 400
+
+    assert received_count(api, "zaken") == before + 1
+    assert received_count(api, "onbekend") == 0

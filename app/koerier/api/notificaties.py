@@ -12,7 +12,7 @@ from __future__ import annotations
 import zoneinfo
 from datetime import UTC, datetime, timedelta
 
-from koerier import db, logs, routing
+from koerier import db, logs, metrics, routing
 from koerier.api import errors, validation
 from koerier.api.base import ApiHandler
 from koerier.clients import SCOPE_PUBLISH
@@ -39,6 +39,7 @@ class NotificatiesHandler(ApiHandler):
         publisher = self.context.publisher
         if publisher is not None and stored.delivery_ids:
             publisher.submit(stored.delivery_ids)
+        metrics.notification_received(self.body["kanaal"])
         log.info(
             "notification_received",
             notification=str(stored.uuid),
