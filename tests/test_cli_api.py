@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import requests
 
+from koerier import sealing
 from tests.apiharness import ApiServer
 from tests.harness import free_port
 
@@ -40,8 +41,8 @@ def test_client_add_without_secret_generates_a_strong_one(base_env, clean_db):
     assert result.returncode == 0, result.stderr
     secret = field(result.stdout, "secret")
     assert len(secret) >= 40
-    assert clean_db.execute("SELECT secret FROM api_client WHERE client_id = 'zrc'"
-                            ).fetchone()[0] == secret
+    stored = clean_db.execute("SELECT secret FROM api_client WHERE client_id = 'zrc'")
+    assert sealing.unseal(stored.fetchone()[0]) == secret
 
 
 def test_client_add_with_secret_and_all_scopes(base_env, clean_db):

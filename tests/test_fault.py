@@ -323,6 +323,7 @@ def test_fan_out_to_a_thousand_abonnementen_reaches_each_exactly_once(clean_db, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # about a minute on a quiet machine; CI machines are shared
 def test_burst_of_five_thousand_notifications_is_delivered_once_each(clean_db, base_env, logs):
     env = base_env | ENV
     with Subscriber() as server:
@@ -335,7 +336,7 @@ def test_burst_of_five_thousand_notifications_is_delivered_once_each(clean_db, b
             started = time.monotonic()
             results = publish(api.url, token, 5000, concurrency=50)
             published = time.monotonic() - started
-            server.wait_for(5000, timeout=180)
+            server.wait_for(5000, timeout=400)
             finished = time.monotonic() - started
             time.sleep(1)
         finally:

@@ -123,7 +123,11 @@ def check() -> None:
     settings = get_settings()
     click.echo("ok: configuration")
     failures = 0
-    for name, probe in (("database", _check_database), ("broker", _check_broker)):
+    checks = (
+        ("database", _check_database), ("credentials", _check_credentials),
+        ("broker", _check_broker),
+    )
+    for name, probe in checks:
         try:
             detail = probe(settings)
         except Exception as exc:  # the operator needs one line per failure, not a traceback
@@ -149,6 +153,32 @@ def _check_database(settings):  # type: ignore[no-untyped-def]
             "run 'koerier migrate'"
         )
     return f"{settings.db_host}:{settings.db_port}/{settings.db_name} (schema {version})"
+
+
+def _check_credentials(settings):  # type: ignore[no-untyped-def]
+    """Every stored client secret and abonnement auth opens with the configured keys."""
+    import psycopg
+
+    from koerier import sealing
+
+    with psycopg.connect(settings.database_conninfo) as conn:
+        stored = conn.execute(
+            "SELECT 'client ' || client_id, secret FROM api_client"
+            " UNION ALL SELECT 'abonnement ' || uuid::text, auth FROM abonnement"
+        ).fetchall()
+    unreadable = []
+    for owner, value in stored:
+        try:
+            sealing.unseal(value)
+        except sealing.UnsealError:
+            unreadable.append(owner)
+    if unreadable:
+        raise RuntimeError(
+            f"{len(unreadable)} stored credentials do not open with KOERIER_SECRET_KEY "
+            f"(first: {unreadable[0]}); put the old key in KOERIER_SECRET_KEY_PREVIOUS"
+        )
+    sealed = sum(1 for _, value in stored if value.startswith(sealing.PREFIX))
+    return f"{len(stored)} stored, {sealed} sealed with the secret key"
 
 
 def _check_broker(settings):  # type: ignore[no-untyped-def]

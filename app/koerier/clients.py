@@ -1,8 +1,8 @@
 """API clients: who may call Koerier, with which secret and scopes.
 
 A client is a ``client_id`` with an HS256 secret and a set of scopes (or all of them), kept
-in the ``api_client`` table. The secret is stored as given, because verifying a ZGW JWT
-needs the shared secret itself; the database is the boundary that protects it.
+in the ``api_client`` table. Verifying a ZGW JWT needs the shared secret itself, so it cannot
+be hashed: it is sealed with the secret key instead (see ``sealing``).
 
 The API reads clients through :class:`ClientCache`, which keeps each answer (also "no such
 client") for ``KOERIER_CLIENT_CACHE_SECONDS``, so removing a client or changing its scopes
@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import psycopg
 
-from koerier import db
+from koerier import db, logs, sealing
+
+log = logs.get(__name__)
 
 SCOPE_PUBLISH = "notificaties.publiceren"
 SCOPE_CONSUME = "notificaties.consumeren"
@@ -74,7 +76,15 @@ class ClientCache:
                 (client_id,),
             )
             row = await cursor.fetchone()
-        return _client_from_row(row) if row else None  # type: ignore[arg-type]
+        if not row:
+            return None
+        try:
+            return _client_from_row(row)  # type: ignore[arg-type]
+        except sealing.UnsealError as exc:
+            # The secret key changed without the old one in KOERIER_SECRET_KEY_PREVIOUS: the
+            # client cannot be verified, which is an operator's problem, not the caller's.
+            log.error("client_secret_unreadable", client_id=client_id, reason=str(exc))
+            return None
 
 
 def _client_from_row(row: dict[str, object]) -> ApiClient:
@@ -82,7 +92,7 @@ def _client_from_row(row: dict[str, object]) -> ApiClient:
     assert isinstance(scopes, list)
     return ApiClient(
         client_id=str(row["client_id"]),
-        secret=str(row["secret"]),
+        secret=sealing.unseal(str(row["secret"])),
         scopes=frozenset(str(scope) for scope in scopes),
         all_scopes=bool(row["all_scopes"]),
     )
@@ -105,7 +115,7 @@ def add(
                     all_scopes = EXCLUDED.all_scopes, updated_at = now()
             RETURNING (xmax = 0) AS inserted
             """,
-            (client_id, secret, sorted(set(scopes)), all_scopes),
+            (client_id, sealing.seal(secret), sorted(set(scopes)), all_scopes),
         ).fetchone()
     return bool(row and row[0])
 

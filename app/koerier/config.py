@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     broker_user: str = "koerier"
     broker_password: str = ""
 
+    # Seals client secrets and abonnement auth values in the database (see sealing.py).
     secret_key: str = ""
+    secret_key_previous: Annotated[list[str], NoDecode] = []
 
     # HTTP API
     public_url: str = ""
@@ -117,7 +119,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(32, ge=1)
     retention_days: int = Field(30, ge=1)
 
-    @field_validator("trusted_proxies", "probe_unauthenticated_hosts", mode="before")
+    @field_validator(
+        "trusted_proxies", "probe_unauthenticated_hosts", "secret_key_previous", mode="before"
+    )
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -197,9 +201,13 @@ def load_settings(**overrides: object) -> Settings:
     if path is not None and not path.exists():
         raise ConfigError([f"KOERIER_ENV_FILE: {path} does not exist"])
     try:
-        return Settings(_env_file=path, **overrides)  # type: ignore[call-arg]
+        loaded = Settings(_env_file=path, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from None
+    from koerier import sealing
+
+    sealing.configure(loaded.secret_key, tuple(loaded.secret_key_previous))
+    return loaded
 
 
 @lru_cache(maxsize=1)

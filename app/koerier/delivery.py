@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import psycopg
 
-from koerier import __version__
+from koerier import __version__, sealing
 from koerier.config import Settings
 
 ERROR_TEXT_LIMIT = 1000
@@ -270,8 +270,13 @@ async def send(session: aiohttp.ClientSession, target: Claim) -> AttemptResult:
         NOTIFICATION_ID_HEADER: target.notification_uuid,
         ATTEMPT_HEADER: str(target.attempt),
     }
-    if target.auth:
-        headers["Authorization"] = target.auth
+    try:
+        authorization = sealing.unseal(target.auth)
+    except sealing.UnsealError as exc:
+        # Sending without the subscriber's credentials would be worse than not sending.
+        return AttemptResult(datetime.now(UTC), 0, None, "credentials_unreadable", str(exc))
+    if authorization:
+        headers["Authorization"] = authorization
     started_at = datetime.now(UTC)
     start = time.monotonic()
     status: int | None = None

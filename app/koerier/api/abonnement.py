@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from koerier import db, filters, logs, probe
+from koerier import db, filters, logs, probe, sealing
 from koerier.api import errors, validation
 from koerier.api.base import ApiHandler, many, one
 from koerier.api.errors import InvalidParam
@@ -179,7 +179,8 @@ class AbonnementListHandler(AbonnementMixin):
                 INSERT INTO abonnement (uuid, callback_url, auth, client_id, kanalen)
                 VALUES (%s, %s, %s, %s, %s) RETURNING {COLUMNS}
                 """,
-                (uuid.uuid4(), body["callbackUrl"], body["auth"], self.principal.client_id,
+                (uuid.uuid4(), body["callbackUrl"], sealing.seal(body["auth"]),
+                 self.principal.client_id,
                  Jsonb(kanalen)),
             )
             row = one(await cursor.fetchone())
@@ -242,7 +243,8 @@ class AbonnementDetailHandler(AbonnementMixin):
             current = await self._fetch(conn, raw_uuid)
             self._require_owner(current)
             callback_url = body.get("callbackUrl", current["callback_url"])
-            auth = body.get("auth", current["auth"])
+            current_auth = sealing.unseal(current["auth"])
+            auth = body.get("auth", current_auth)
             kanalen = (
                 normalised_kanalen(body["kanalen"]) if "kanalen" in body
                 else current["kanalen"]
@@ -251,7 +253,7 @@ class AbonnementDetailHandler(AbonnementMixin):
 
         # A changed callback or auth is probed with the auth it will be used with: a PATCH
         # that only moves the callback probes with the stored auth.
-        if callback_url != current["callback_url"] or auth != current["auth"]:
+        if callback_url != current["callback_url"] or auth != current_auth:
             await self.run_probe(callback_url, auth)
 
         async with db.connection() as conn:
@@ -264,12 +266,12 @@ class AbonnementDetailHandler(AbonnementMixin):
                     updated_at = now()
                 WHERE id = %s RETURNING {COLUMNS}
                 """,
-                (callback_url, auth, Jsonb(kanalen), locked["id"]),
+                (callback_url, sealing.seal(auth), Jsonb(kanalen), locked["id"]),
             )
             row = one(await cursor.fetchone())
             assert row is not None
             await self.save_filters(conn, row["id"], kanalen)
         log.info("abonnement_updated", abonnement=str(row["uuid"]),
                  client_id=row["client_id"], probed=callback_url != current["callback_url"]
-                 or auth != current["auth"])
+                 or auth != current_auth)
         self.send_json(self.representation(row))
