@@ -4,17 +4,7 @@
 # as PID 1 (containers and CI sandboxes have none). Run as root.
 set -euo pipefail
 
-need=()
-for package in postgresql rabbitmq-server python3-venv curl; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
-    || need+=("$package")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  echo "==> installing ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+bash "$(dirname "$0")/packages.sh" postgresql rabbitmq-server python3-venv curl
 
 start() {
   local service=$1

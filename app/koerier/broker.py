@@ -52,18 +52,24 @@ class BrokerUnavailable(Exception):
     code = "broker_unavailable"
 
 
-def connection_parameters(settings: Settings, name: str) -> pika.ConnectionParameters:
+def connection_parameters(
+    settings: Settings, name: str, **overrides: Any
+) -> pika.ConnectionParameters:
     """The pika parameters for one Koerier connection; ``name`` shows in the management UI."""
+    options: dict[str, Any] = {
+        "heartbeat": 30,
+        "blocked_connection_timeout": 60,
+        "connection_attempts": 1,
+        "socket_timeout": 5,
+        **overrides,
+    }
     return pika.ConnectionParameters(
         host=settings.broker_host,
         port=settings.broker_port,
         virtual_host=settings.broker_vhost,
         credentials=pika.PlainCredentials(settings.broker_user, settings.broker_password),
-        heartbeat=30,
-        blocked_connection_timeout=60,
-        connection_attempts=1,
-        socket_timeout=5,
         client_properties={"connection_name": f"koerier {name}"},
+        **options,
     )
 
 

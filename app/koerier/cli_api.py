@@ -184,15 +184,10 @@ def _check_credentials(settings):  # type: ignore[no-untyped-def]
 def _check_broker(settings):  # type: ignore[no-untyped-def]
     import pika
 
-    parameters = pika.ConnectionParameters(
-        host=settings.broker_host,
-        port=settings.broker_port,
-        virtual_host=settings.broker_vhost,
-        credentials=pika.PlainCredentials(settings.broker_user, settings.broker_password),
-        connection_attempts=1,
-        socket_timeout=3,
-        blocked_connection_timeout=3,
-        stack_timeout=5,
+    from koerier import broker
+
+    parameters = broker.connection_parameters(
+        settings, "check", socket_timeout=3, blocked_connection_timeout=3, stack_timeout=5
     )
     try:
         connection = pika.BlockingConnection(parameters)

@@ -12,7 +12,7 @@ import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -195,7 +195,7 @@ def _format_errors(error: ValidationError) -> list[str]:
     return problems
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Read and validate the settings; raises ConfigError listing every problem."""
     path = env_file()
     if path is not None and not path.exists():
