@@ -22,7 +22,7 @@ import psycopg
 import requests
 
 from koerier.auth import make_token
-from tests.harness import free_port, wait_for_port
+from tests.harness import KOERIER, free_port, wait_for_port
 
 # Client ids with fixed secrets and scopes, the same in every test, so the server's
 # short-lived client cache can never hold a stale version of one of them.
@@ -65,7 +65,7 @@ class ApiServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [".venv/bin/koerier", "serve", "--port", str(self.port),
+            [str(KOERIER), "serve", "--port", str(self.port),
              "--processes", str(self.processes)],
             env={**os.environ, **self.env},
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,

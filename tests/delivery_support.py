@@ -22,6 +22,8 @@ from typing import Any
 
 import psycopg
 
+from tests.harness import KOERIER
+
 KANAAL = "zaken"
 
 # Short, test-sized timings; a test overrides what it is about.
@@ -131,7 +133,7 @@ class WorkerProcess:
                  concurrency: int = 16, name: str = "worker", extra: list[str] | None = None):
         self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
         self.process = subprocess.Popen(
-            [".venv/bin/koerier", "worker", "--processes", str(processes),
+            [str(KOERIER), "worker", "--processes", str(processes),
              "--concurrency", str(concurrency), *(extra or [])],
             env={**os.environ, **env}, stdout=subprocess.DEVNULL,
             stderr=open(self.log_path, "wb"), start_new_session=True,

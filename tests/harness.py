@@ -13,11 +13,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# The koerier command of the venv running the tests, wherever the checkout is.
+KOERIER = Path(sys.executable).parent / "koerier"
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 
 
@@ -50,6 +53,16 @@ def _stop_group(process: subprocess.Popen[bytes] | None, sig: int, timeout: floa
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
+
+
+def run_koerier(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run one ``koerier`` command with these variables on top of this process's environment."""
+    return subprocess.run(
+        [str(KOERIER), *args], env={**os.environ, **env},
+        capture_output=True, text=True, timeout=timeout,
+    )
 
 
 class PostgresServer:

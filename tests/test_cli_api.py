@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 
 import pytest
 import requests
@@ -12,11 +10,7 @@ import requests
 from koerier import sealing
 from tests.apiharness import ApiServer
 from tests.harness import free_port
-
-
-def koerier(env, *args):
-    return subprocess.run([".venv/bin/koerier", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=60)
+from tests.harness import run_koerier as koerier
 
 
 def field(output, name):

@@ -3,17 +3,10 @@ show`` and ``cleanup``, against rows arranged directly in PostgreSQL."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 
 from tests.delivery_support import make_abonnementen, store_notification
-
-
-def koerier(env, *args):
-    return subprocess.run([".venv/bin/koerier", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=60)
+from tests.harness import run_koerier as koerier
 
 
 def fail(conn, delivery_id, when="now()"):

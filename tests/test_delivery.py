@@ -7,7 +7,6 @@ handed to the same publisher the API uses (``relay.api_publisher``), in this pro
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 
 import pytest
@@ -23,6 +22,7 @@ from tests.delivery_support import (
     store_notification,
     wait_until,
 )
+from tests.harness import run_koerier
 from tests.subscriber import Subscriber
 
 WORKER_ENV = FAST_ENV | {
@@ -59,8 +59,7 @@ async def publisher(base_env):
 
 
 def run_cli(env, *args):
-    return subprocess.run([".venv/bin/koerier", *args], env=env, capture_output=True,
-                           text=True, timeout=60)
+    return run_koerier(env, *args, timeout=60)
 
 
 async def test_published_delivery_reaches_the_subscriber_unchanged_with_headers(

@@ -5,8 +5,6 @@ subscribers. Tests that break a server start their own, so the session's stay he
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -27,6 +25,7 @@ from tests.delivery_support import (
     wait_until,
 )
 from tests.harness import PostgresServer, RabbitServer
+from tests.harness import run_koerier as koerier
 from tests.subscriber import Subscriber
 
 pytestmark = pytest.mark.timeout(240)
@@ -155,8 +154,7 @@ def test_database_restarted_under_load_answers_503_problems_and_recovers(
     pg = PostgresServer()
     pg.start()
     env = koerier_env(pg, rabbit_server) | ENV
-    migrate = subprocess.run([".venv/bin/koerier", "migrate"], env={**os.environ, **env},
-                             capture_output=True, text=True, timeout=120)
+    migrate = koerier(env, "migrate")
     assert migrate.returncode == 0, migrate.stderr
     api = worker = None
     results: list = []
@@ -263,10 +261,6 @@ def test_subscriber_that_never_recovers_ends_failed_listed_and_resendable(
     assert len(attempts(clean_db)) == 5
     assert worker.events("delivery_given_up")
 
-
-def koerier(env, *args):
-    return subprocess.run([".venv/bin/koerier", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_one_hanging_subscriber_does_not_delay_fifty_healthy_ones(clean_db, base_env, logs):

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import psycopg
 
 from tests.conftest import koerier_env
-from tests.harness import PostgresServer
-
-
-def run_koerier(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [".venv/bin/koerier", *args], env={**os.environ, **env},
-        capture_output=True, text=True, timeout=120,
-    )
+from tests.harness import PostgresServer, run_koerier
 
 
 def test_migrate_twice_creates_the_schema_and_then_changes_nothing(pg_server: PostgresServer):
