@@ -6,6 +6,7 @@ help:
 	@echo "make test            the test suite (its own throwaway PostgreSQL and RabbitMQ)"
 	@echo "make test-appliance  the Ansible roles on podman test hosts (molecule + testinfra)"
 	@echo "make lint            ruff and mypy"
+	@echo "make perf            load profile PROFILE (default tier-200); see docs/performance.md"
 
 run:
 	bash scripts/run.sh
@@ -17,6 +18,10 @@ lint:
 	bash scripts/venv.sh dev
 	.venv/bin/ruff check app tests perf scripts
 	.venv/bin/mypy app/koerier
+
+perf:
+	bash scripts/venv.sh dev
+	perf/run $(or $(PROFILE),tier-200)
 
 test-appliance:
 	bash ci/appliance-test.sh
