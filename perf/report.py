@@ -303,9 +303,20 @@ def draw_charts(run: Run, limits: Thresholds) -> list[str]:
         if phase.get("target_rate") and phase.get("end"):
             axis.hlines(phase["target_rate"], phase["start"] - origin, phase["end"] - origin,
                         colors="black", linestyles="dashed", linewidth=1)
-    axis.plot([], [], "k--", linewidth=1, label="target rate")
+    phases = run.phases.get("phases", [])
+    if any(phase.get("target_rate") for phase in phases):
+        axis.plot([], [], "k--", linewidth=1, label="target rate")
     axis.set(xlabel="seconds", ylabel="per second", title=f"Throughput - {title}")
     axis.legend(loc="lower right")
+    if phases and not any(phase.get("target_rate") for phase in phases):
+        # A closed model has no target rate; show the number of users per step instead.
+        users = axis.twinx()
+        for phase in phases:
+            if phase.get("users") and phase.get("end"):
+                users.hlines(phase["users"], phase["start"] - origin, phase["end"] - origin,
+                             colors="grey", linestyles="dotted", linewidth=1.5)
+        users.set_ylabel("users (dotted)")
+        users.set_ylim(bottom=0)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(run.directory / "throughput.png", dpi=80)
