@@ -96,6 +96,16 @@ def test_unit_is_sandboxed(host, unit, setting, expected):
     assert value == expected
 
 
+@pytest.mark.parametrize(
+    "unit",
+    [*API_UNITS, *WORKER_UNITS, "koerier.target", "koerier-cleanup.service",
+     "koerier-cleanup.timer"],
+)
+def test_unit_file_is_valid(host, unit):
+    result = host.run(f"systemd-analyze verify /etc/systemd/system/{unit}")
+    assert result.rc == 0, result.stderr
+
+
 def test_cli_reaches_database_and_broker(host):
     result = host.run("koerier check")
     assert result.rc == 0, result.stdout + result.stderr
@@ -182,3 +192,41 @@ def test_notification_reaches_the_subscriber(host, tls):
     message = publish_and_receive(host, DOMAIN, HTTPS_PORT, tls)
     assert message["resource"] == "zaak"
     assert message["kenmerken"] == {"bronorganisatie": "123456782"}
+
+
+POLLER = """
+import ssl, time, urllib.request, os
+context = ssl._create_unverified_context()
+with open("/root/poll-results.txt", "w") as results:
+    while not os.path.exists("/root/poll-stop"):
+        try:
+            status = urllib.request.urlopen("https://127.0.0.1/healthz", context=context,
+                                            timeout=5).status
+        except Exception as exc:
+            status = getattr(exc, "code", repr(exc))
+        results.write(f"{status}\\n")
+        results.flush()
+        time.sleep(0.02)
+"""
+
+
+def test_rolling_restart_keeps_the_api_up(host):
+    """The role's handler restarts replicas one at a time, each healthy before the next;
+    requests through nginx meanwhile must all succeed."""
+    host.run("rm -f /root/poll-stop /root/poll-results.txt")
+    host.check_output(f"cat > /root/poller.py <<'EOF'\n{POLLER}\nEOF")
+    host.check_output("systemd-run --unit=e2e-poller --collect python3 /root/poller.py")
+    try:
+        for unit, port in zip(API_UNITS, (9001, 9002)):
+            host.check_output(f"systemctl restart {unit}")
+            host.check_output(
+                "for i in $(seq 60); do python3 -c \"import urllib.request; urllib.request."
+                f"urlopen('http://127.0.0.1:{port}/healthz', timeout=1)\" 2>/dev/null "
+                "&& exit 0; sleep 0.5; done; exit 1"
+            )
+    finally:
+        host.run("touch /root/poll-stop; sleep 1; systemctl stop e2e-poller 2>/dev/null")
+    statuses = host.file("/root/poll-results.txt").content_string.split()
+    assert len(statuses) > 10
+    failures = [status for status in statuses if status != "200"]
+    assert not failures, f"{len(failures)} of {len(statuses)} requests failed: {failures[:5]}"
