@@ -130,9 +130,12 @@ def get(conninfo: str, client_id: str) -> ApiClient | None:
 
 
 def list_all(conninfo: str) -> list[ApiClient]:
+    """Every client, without its secret: listing must work even when a secret cannot be
+    unsealed (a changed KOERIER_SECRET_KEY), which ``koerier check`` reports instead."""
     with psycopg.connect(conninfo, row_factory=psycopg.rows.dict_row) as conn:
         rows = conn.execute(
-            "SELECT client_id, secret, scopes, all_scopes FROM api_client ORDER BY client_id"
+            "SELECT client_id, '' AS secret, scopes, all_scopes FROM api_client"
+            " ORDER BY client_id"
         ).fetchall()
     return [_client_from_row(row) for row in rows]
 
