@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+ROOT = Path(__file__).resolve().parent.parent
+# The spec Koerier serves, and the official file it must equal (beside the checkout in CI).
+SHIPPED_SPEC = ROOT / "app" / "koerier" / "spec" / "openapi.yaml"
+OFFICIAL_SPEC = ROOT.parent / "shared" / "spec" / "openapi.yaml"
 # The koerier command of the venv running the tests, wherever the checkout is.
 KOERIER = Path(sys.executable).parent / "koerier"
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")

@@ -11,9 +11,9 @@ import yaml
 
 from tests.apiharness import Api, ApiServer, insert_clients
 from tests.conftest import koerier_env
-from tests.harness import PostgresServer
+from tests.harness import SHIPPED_SPEC, PostgresServer
 
-SPEC = yaml.safe_load(open("../shared/spec/openapi.yaml"))
+SPEC = yaml.safe_load(SHIPPED_SPEC.read_text())
 
 
 def problem_schema(name):
