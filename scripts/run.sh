@@ -73,6 +73,12 @@ rabbitmqctl -q set_permissions -p koerier koerier '.*' '.*' '.*'
 
 KOERIER=.venv/bin/koerier
 $KOERIER migrate
+if ! $KOERIER check >/dev/null; then
+  # check has said on stderr what is wrong: most often a koerier.env written anew, whose
+  # secret key does not open the credentials stored with the old one.
+  echo "make run stops here: fix the problem above (koerier check) and run it again." >&2
+  exit 1
+fi
 
 mkdir -p .run
 if [ ! -s .run/demo-secret ]; then
