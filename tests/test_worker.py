@@ -1,9 +1,11 @@
-"""The ``koerier worker`` process: graceful stop, several processes, its metrics port."""
+"""The ``koerier worker`` process: graceful stop, several processes, its metrics port; and
+the installation-wide gauges on the API's ``/metrics``, which need no worker at all."""
 
 from __future__ import annotations
 
 import urllib.request
 
+from tests.apiharness import ApiServer
 from tests.delivery_support import (
     FAST_ENV,
     WorkerProcess,
@@ -80,3 +82,27 @@ def test_worker_metrics_port_serves_delivery_metrics(clean_db, base_env, tmp_pat
     for name in ("koerier_retry_backlog", "koerier_failed_deliveries",
                  "koerier_open_circuit_breakers", "koerier_relay_published_total"):
         assert name in text
+
+
+def test_api_metrics_without_any_worker_report_the_installation_wide_gauges(
+    clean_db, base_env, tmp_path
+):
+    [abonnement] = make_abonnementen(clean_db, ["http://127.0.0.1:9/"])
+    _, delivery_ids = store_notification(clean_db, [abonnement] * 5)
+    clean_db.execute("UPDATE delivery SET state = 'scheduled', attempts = 1 WHERE id = ANY(%s)",
+                     (delivery_ids[:3],))
+    clean_db.execute("UPDATE delivery SET state = 'failed', attempts = 8 WHERE id = ANY(%s)",
+                     (delivery_ids[3:],))
+    clean_db.execute("INSERT INTO circuit (abonnement_id, consecutive_failures, open_until) "
+                     "VALUES (%s, 5, now() + interval '1 hour')", (abonnement,))
+    # A server of its own: a scrape by another test must not have primed its gauges.
+    server = ApiServer(base_env, tmp_path / "api.log")
+    server.start()
+    try:
+        text = urllib.request.urlopen(f"{server.url}/metrics", timeout=10).read().decode()
+    finally:
+        server.stop()
+
+    assert "\nkoerier_retry_backlog 3.0\n" in text
+    assert "\nkoerier_failed_deliveries 2.0\n" in text
+    assert "\nkoerier_open_circuit_breakers 1.0\n" in text

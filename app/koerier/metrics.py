@@ -3,13 +3,16 @@
 Every Koerier process serves its own metrics: an API process at ``/metrics`` on its own
 port, a worker process on ``--metrics-port`` (+ its index). Prometheus scrapes each process
 and sums counters across them. The gauges read from PostgreSQL (retry backlog, failed
-deliveries, open circuit breakers) describe the whole installation: every worker process
-reports the same value, so aggregate them with ``max``, not ``sum``.
+deliveries, open circuit breakers) describe the whole installation: every process that
+serves them reports the same value, so aggregate them with ``max``, not ``sum``. Worker
+processes refresh them from their relay loop, API processes when scraped; both at most
+every ``INSTALLATION_REFRESH_SECONDS``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import tornado.web
@@ -24,6 +27,16 @@ from prometheus_client import (
 )
 
 DATABASE_CHECK_SECONDS = 2.0
+# The installation-wide gauges count rows of the delivery table; reading them at most this
+# often keeps frequent scrapes from turning into a load on PostgreSQL.
+INSTALLATION_REFRESH_SECONDS = 10.0
+
+_INSTALLATION_QUERY = """
+    SELECT
+      (SELECT count(*) FROM delivery WHERE state = 'scheduled' AND attempts > 0) AS backlog,
+      (SELECT count(*) FROM delivery WHERE state = 'failed') AS failed,
+      (SELECT count(*) FROM circuit WHERE open_until > now()) AS open_circuits
+"""
 
 NOTIFICATIONS_RECEIVED = Counter(
     "koerier_notifications_received_total",
@@ -101,6 +114,16 @@ def notification_received(kanaal: str) -> None:
     NOTIFICATIONS_RECEIVED.labels(kanaal).inc()
 
 
+async def refresh_installation(conn: Any) -> None:
+    """Read the installation-wide gauges (backlog, failed, open circuits) over ``conn``."""
+    cursor = await conn.execute(_INSTALLATION_QUERY)
+    row = await cursor.fetchone()
+    assert row is not None
+    RETRY_BACKLOG.set(row["backlog"])
+    FAILED_DELIVERIES.set(row["failed"])
+    OPEN_CIRCUITS.set(row["open_circuits"])
+
+
 def render() -> tuple[bytes, str]:
     """The process's metrics in the Prometheus text format, and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
@@ -112,7 +135,16 @@ def serve(port: int, address: str = "127.0.0.1") -> None:
 
 
 class MetricsHandler(tornado.web.RequestHandler):
-    """``GET /metrics`` of an API process; refreshes the connectivity gauges first."""
+    """``GET /metrics`` of an API process; refreshes the connectivity gauges first, and the
+    installation-wide gauges when they are older than ``INSTALLATION_REFRESH_SECONDS``.
+
+    The API refreshes them itself because it is the endpoint operators scrape, and workers
+    serve metrics only with ``--metrics-port``. It does so here, on a scrape, so the publish
+    path never waits for these counts.
+    """
+
+    # Monotonic time of this process's last successful refresh; shared by all requests.
+    _installation_read_at: float | None = None
 
     def initialize(self, publisher: Any = None) -> None:
         self._publisher = publisher
@@ -122,9 +154,17 @@ class MetricsHandler(tornado.web.RequestHandler):
 
         if self._publisher is not None:
             BROKER_CONNECTED.labels("publisher").set(1 if self._publisher.is_connected() else 0)
+        read_at = MetricsHandler._installation_read_at
+        now = time.monotonic()
+        stale = read_at is None or now - read_at >= INSTALLATION_REFRESH_SECONDS
         try:
             async with asyncio.timeout(DATABASE_CHECK_SECONDS), db.connection() as conn:
-                await conn.execute("SELECT 1")
+                if stale:
+                    # The counts double as the connectivity check.
+                    await refresh_installation(conn)
+                    MetricsHandler._installation_read_at = now
+                else:
+                    await conn.execute("SELECT 1")
             DATABASE_UP.set(1)
         except (TimeoutError, db.DatabaseUnavailable):
             DATABASE_UP.set(0)

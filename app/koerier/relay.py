@@ -28,7 +28,6 @@ from koerier.db import DatabaseUnavailable
 
 log = logs.get("koerier.relay")
 
-STATS_INTERVAL_SECONDS = 10.0
 
 _DUE = """
     SELECT id FROM delivery
@@ -55,13 +54,6 @@ _STALE = """
 _MARK_QUEUED = """
     UPDATE delivery SET state = 'queued', queued_at = now()
     WHERE id = ANY(%s) AND state = 'scheduled' AND due_at = created_at
-"""
-
-_STATS = """
-    SELECT
-      (SELECT count(*) FROM delivery WHERE state = 'scheduled' AND attempts > 0) AS backlog,
-      (SELECT count(*) FROM delivery WHERE state = 'failed') AS failed,
-      (SELECT count(*) FROM circuit WHERE open_until > now()) AS open_circuits
 """
 
 
@@ -95,7 +87,7 @@ class Relay:
                     moved = await self.relay_once()
                 if loop.time() >= next_stats:
                     await self.refresh_stats()
-                    next_stats = loop.time() + STATS_INTERVAL_SECONDS
+                    next_stats = loop.time() + metrics.INSTALLATION_REFRESH_SECONDS
                 self._database_is(up=True)
             except DatabaseUnavailable as exc:
                 self._database_is(up=False, error=str(exc))
@@ -153,9 +145,4 @@ class Relay:
     async def refresh_stats(self) -> None:
         """Read the installation-wide gauges (backlog, failed, open circuits)."""
         async with db.connection() as conn:
-            cursor = await conn.execute(_STATS)
-            row: dict[str, int] | None = await cursor.fetchone()  # type: ignore[assignment]
-        assert row is not None
-        metrics.RETRY_BACKLOG.set(row["backlog"])
-        metrics.FAILED_DELIVERIES.set(row["failed"])
-        metrics.OPEN_CIRCUITS.set(row["open_circuits"])
+            await metrics.refresh_installation(conn)
