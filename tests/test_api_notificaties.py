@@ -135,6 +135,41 @@ def test_publish_with_non_string_kenmerk_is_rejected(api, zaken):
     assert response.json()["invalidParams"][0]["name"] == "kenmerken.zaaktype"
 
 
+def test_publish_with_empty_body_names_each_missing_field_once(api, zaken):
+    response = publish(api, {})
+
+    names = [param["name"] for param in response.json()["invalidParams"]]
+    assert sorted(names) == sorted(
+        ["kanaal", "hoofdObject", "resource", "resourceUrl", "actie", "aanmaakdatum"])
+
+
+def test_publish_with_empty_body_names_each_missing_field_once_in_detail(api, zaken):
+    response = publish(api, {})
+
+    assert response.json()["detail"].count("aanmaakdatum:") == 1
+
+
+def test_publish_with_thousands_of_invalid_kenmerken_lists_the_first_50_and_a_count(
+        api, zaken):
+    # 3,000 fit in the 64 KB body limit of the tests.
+    kenmerken = {f"k{number}": number for number in range(3_000)}
+
+    params = publish(api, message(kenmerken=kenmerken)).json()["invalidParams"]
+
+    assert len(params) == 51
+    assert params[-1]["code"] == "too_many_errors"
+    assert "2950 more" in params[-1]["reason"]
+
+
+def test_publish_with_thousands_of_unknown_kenmerken_answers_a_small_body(api, zaken):
+    kenmerken = {f"k{number}": "x" for number in range(3_000)}
+
+    response = publish(api, message(kenmerken=kenmerken))
+
+    assert response.status_code == 400
+    assert len(response.content) < 2_000
+
+
 def test_notification_fans_out_one_delivery_per_matching_abonnement(api, zaken, subscriber, db):
     matching = subscribe(api, subscriber, [{"naam": "zaken",
                                             "filters": {"bronorganisatie": "123456789"}}])

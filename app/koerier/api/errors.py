@@ -52,10 +52,37 @@ def new_instance() -> str:
     return f"urn:uuid:{uuid.uuid4()}"
 
 
+# A body of any size can break the schema in as many places as it has values; the answer
+# must stay small, so clients get the first problems and a count of the rest.
+MAX_INVALID_PARAMS = 50
+MAX_REASON_CHARS = 300
+_DETAIL_PARAMS = 3
+
+
 def validation_error(params: list[InvalidParam], detail: str | None = None) -> ApiError:
+    shown = [_shortened(param) for param in params[:MAX_INVALID_PARAMS]]
+    hidden = len(params) - len(shown)
     if detail is None:
-        detail = "; ".join(f"{param.name}: {param.reason}" for param in params)
-    return ApiError(400, "invalid", "Invalid input.", detail, params)
+        detail = "; ".join(f"{param.name}: {param.reason}" for param in shown[:_DETAIL_PARAMS])
+        more = len(params) - min(len(shown), _DETAIL_PARAMS)
+        if more:
+            detail += f"; and {more} more invalid parameter(s)"
+    if hidden:
+        shown.append(InvalidParam(
+            "nonFieldErrors", "too_many_errors",
+            f"{hidden} more invalid parameter(s) not listed; at most {MAX_INVALID_PARAMS} are",
+        ))
+    return ApiError(400, "invalid", "Invalid input.", detail, shown)
+
+
+def _shortened(param: InvalidParam) -> InvalidParam:
+    if len(param.reason) <= MAX_REASON_CHARS and len(param.name) <= MAX_REASON_CHARS:
+        return param
+    return InvalidParam(_cut(param.name), param.code, _cut(param.reason))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
 def invalid(name: str, code: str, reason: str) -> ApiError:

@@ -92,10 +92,12 @@ def validator(schema_name: str, partial: bool = False) -> jsonschema.Draft4Valid
 
 def check(schema_name: str, body: object, partial: bool = False) -> list[InvalidParam]:
     """Every way ``body`` breaks the schema, as invalidParams (empty when it is valid)."""
-    found: list[InvalidParam] = []
+    # jsonschema reports a ``required`` error per missing field, and each one expands to
+    # every missing field; a set keeps one entry per problem.
+    found: set[InvalidParam] = set()
     for error in validator(schema_name, partial).iter_errors(body):
-        found.extend(_to_params(error))
-    return sorted(found, key=lambda param: param.name)
+        found.update(_to_params(error))
+    return sorted(found, key=lambda param: (param.name, param.code, param.reason))
 
 
 _CODES = {
