@@ -11,7 +11,7 @@ import yaml
 
 from tests.apiharness import Api, ApiServer, insert_clients
 from tests.conftest import koerier_env
-from tests.harness import SHIPPED_SPEC, PostgresServer
+from tests.harness import SHIPPED_SPEC, PostgresServer, free_port
 
 SPEC = yaml.safe_load(SHIPPED_SPEC.read_text())
 
@@ -202,6 +202,29 @@ def test_readyz_reports_database_down(server_with_its_own_database):
 
     body = assert_problem(response, 503, "service_unavailable")
     assert "database" in body["detail"]
+
+
+@pytest.fixture
+def server_without_broker(tmp_path, base_env):
+    # Nothing listens on this port: the publisher never connects.
+    env = base_env | {"KOERIER_BROKER_PORT": str(free_port())}
+    server = ApiServer(env, tmp_path / "koerier.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_readyz_with_broker_down_answers_200(server_without_broker):
+    response = Api(server_without_broker.url).get("/readyz", client=None)
+
+    assert response.status_code == 200, response.text
+
+
+def test_readyz_with_broker_down_reports_the_broker_unavailable(server_without_broker):
+    response = Api(server_without_broker.url).get("/readyz", client=None)
+
+    assert response.json()["broker"] == "unavailable"
+    assert response.json()["database"] == "ok"
 
 
 def test_database_back_after_restart_is_served_again(server_with_its_own_database):

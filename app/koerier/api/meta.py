@@ -34,23 +34,28 @@ class HealthHandler(ApiHandler):
 
 
 class ReadyHandler(ApiHandler):
-    """Ready: the database answers and, when the process publishes, the broker is up."""
+    """Ready: the database answers. The broker's state is reported but does not count.
+
+    A notification accepted while the broker is down waits in the outbox (its delivery
+    rows) and the relay publishes it later, so the API still serves. A load balancer that
+    took the process out of rotation on a broker outage would turn it into an API outage.
+    """
 
     public = True
 
     async def get(self) -> None:
-        problems = []
         try:
             await asyncio.wait_for(self._ping_database(), READY_TIMEOUT_SECONDS)
         except (TimeoutError, db.DatabaseUnavailable):
-            problems.append("database not reachable")
+            raise errors.unavailable("database not reachable") from None
         publisher = self.context.publisher
-        if publisher is not None and not publisher.is_connected():
-            problems.append("broker not connected")
-        if problems:
-            error = errors.unavailable("; ".join(problems))
-            raise error
-        self.send_json({"status": "ready"})
+        if publisher is None:
+            broker = "not used"
+        elif publisher.is_connected():
+            broker = "ok"
+        else:
+            broker = "unavailable"
+        self.send_json({"status": "ready", "database": "ok", "broker": broker})
 
     async def _ping_database(self) -> None:
         async with db.connection() as conn:
