@@ -23,11 +23,11 @@ def subscribe(api, callback_url, auth=SUBSCRIBER_AUTH):
         "callbackUrl": callback_url, "auth": auth, "kanalen": [{"naam": "zaken"}]})
 
 
-def assert_probe_failure(response, code):
+def assert_probe_failure(response, code, name="callbackUrl"):
     assert response.status_code == 400, response.text
     assert response.headers["Content-Type"].startswith("application/problem+json")
     param = response.json()["invalidParams"][0]
-    assert param["name"] == "callbackUrl"
+    assert param["name"] == name
     assert param["code"] == code
     return param["reason"]
 
@@ -124,6 +124,14 @@ def test_patch_to_a_failing_callback_is_rejected_and_keeps_the_old(api, zaken, s
 
     assert_probe_failure(response, "probe_accepts_anyone")
     assert api.get(created["url"]).json()["callbackUrl"] == created["callbackUrl"]
+
+
+def test_patch_of_auth_only_that_the_callback_rejects_names_auth(api, zaken, subscriber):
+    created = subscribe(api, subscriber.callback("good")).json()
+
+    response = api.patch(created["url"], json={"auth": "Token wrong"}, client="consumer")
+
+    assert_probe_failure(response, "probe_rejected", name="auth")
 
 
 def test_patch_of_kanalen_only_does_not_probe(api, zaken, subscriber):

@@ -104,7 +104,9 @@ class AbonnementMixin(ApiHandler):
         if problems:
             raise errors.validation_error(problems)
 
-    async def run_probe(self, callback_url: str, auth: str) -> None:
+    async def run_probe(self, callback_url: str, auth: str, field: str = "callbackUrl") -> None:
+        """Probe the callback; a failure is an invalidParam on ``field``, the value the
+        client changed."""
         settings = self.context.settings
         if not settings.probe_enabled:
             return
@@ -117,7 +119,7 @@ class AbonnementMixin(ApiHandler):
             )
         except probe.ProbeFailed as exc:
             log.info("probe_failed", code=exc.code, reason=exc.reason)
-            raise errors.invalid("callbackUrl", exc.code, exc.reason) from None
+            raise errors.invalid(field, exc.code, exc.reason) from None
 
     async def save_filters(
         self, conn: psycopg.AsyncConnection[Any], abonnement_id: int,
@@ -253,8 +255,10 @@ class AbonnementDetailHandler(AbonnementMixin):
 
         # A changed callback or auth is probed with the auth it will be used with: a PATCH
         # that only moves the callback probes with the stored auth.
-        if callback_url != current["callback_url"] or auth != current_auth:
+        if callback_url != current["callback_url"]:
             await self.run_probe(callback_url, auth)
+        elif auth != current_auth:
+            await self.run_probe(callback_url, auth, field="auth")
 
         async with db.connection() as conn:
             locked = await self._fetch(conn, raw_uuid, lock=True)
