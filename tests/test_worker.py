@@ -106,3 +106,27 @@ def test_api_metrics_without_any_worker_report_the_installation_wide_gauges(
     assert "\nkoerier_retry_backlog 3.0\n" in text
     assert "\nkoerier_failed_deliveries 2.0\n" in text
     assert "\nkoerier_open_circuit_breakers 1.0\n" in text
+
+
+def test_circuit_probe_success_lets_the_losers_of_the_probe_race_follow_within_seconds(
+    clean_db, base_env, tmp_path
+):
+    # An open period far longer than the test: a loser deferred by it would miss the deadline.
+    env = base_env | ENV | {"KOERIER_CIRCUIT_OPEN_SECONDS": "60"}
+    with Subscriber(delay=1.0) as server:
+        [abonnement] = make_abonnementen(clean_db, [server.url()])
+        clean_db.execute("INSERT INTO circuit (abonnement_id, consecutive_failures, open_until) "
+                         "VALUES (%s, 50, now() - interval '1 second')", (abonnement,))
+        worker = WorkerProcess(env, tmp_path)
+        try:
+            worker.wait_ready()
+            for _ in range(4):
+                store_notification(clean_db, [abonnement])
+
+            wait_until(lambda: states(clean_db) == {"delivered": 4}, 10, "all 4 delivered")
+        finally:
+            worker.terminate()
+
+    assert len(worker.events("circuit_probe")) == 1
+    assert len(worker.events("circuit_closed")) == 1
+    assert len(server.requests()) == 4

@@ -66,6 +66,7 @@ class Claim:
     callback_url: str | None
     auth: str
     circuit_open_for: float | None
+    circuit_probing: bool = False
 
     @property
     def retry(self) -> int:
@@ -110,7 +111,8 @@ _CLAIM = """
            extract(epoch FROM n.received_at)::float8 AS received_at,
            a.uuid::text AS abonnement_uuid, a.callback_url, a.auth,
            CASE WHEN ci.open_until IS NOT NULL
-                THEN extract(epoch FROM ci.open_until - now())::float8 END AS circuit_open_for
+                THEN extract(epoch FROM ci.open_until - now())::float8 END AS circuit_open_for,
+           coalesce(ci.probing, false) AS circuit_probing
     FROM claimed c
     JOIN notification n ON n.id = c.notification_id
     LEFT JOIN abonnement a ON a.id = c.abonnement_id
@@ -139,6 +141,7 @@ async def claim(
         callback_url=row["callback_url"],
         auth=row["auth"] or "",
         circuit_open_for=row["circuit_open_for"],
+        circuit_probing=row["circuit_probing"],
     )
 
 
@@ -196,7 +199,7 @@ _RECORD = """
     ), old_circuit AS (
         SELECT open_until FROM circuit WHERE abonnement_id = %(abonnement)s
     ), closed AS (
-        UPDATE circuit SET consecutive_failures = 0, open_until = NULL
+        UPDATE circuit SET consecutive_failures = 0, open_until = NULL, probing = false
         WHERE %(success)s AND abonnement_id = %(abonnement)s
           AND (consecutive_failures > 0 OR open_until IS NOT NULL)
         RETURNING abonnement_id
@@ -209,7 +212,8 @@ _RECORD = """
         SET consecutive_failures = circuit.consecutive_failures + 1,
             open_until = CASE WHEN circuit.consecutive_failures + 1 >= %(threshold)s
                               THEN now() + make_interval(secs => %(open)s)
-                              ELSE circuit.open_until END
+                              ELSE circuit.open_until END,
+            probing = false
         RETURNING consecutive_failures
     )
     SELECT EXISTS (SELECT 1 FROM updated) AS current,

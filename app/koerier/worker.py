@@ -131,7 +131,7 @@ async def _circuit_take_probe(
     """Whether this delivery becomes the probe of a circuit whose open time is over."""
     cursor = await conn.execute(
         """
-        UPDATE circuit SET open_until = now() + make_interval(secs => %s)
+        UPDATE circuit SET open_until = now() + make_interval(secs => %s), probing = true
         WHERE abonnement_id = %s AND open_until <= now()
         """,
         (open_seconds, abonnement_id),
@@ -293,14 +293,20 @@ class Worker:
     async def _circuit_gate(self, target: delivery.Claim, bound: Any) -> bool:
         """Defer the delivery while its circuit is open; True when deferred."""
         open_for = target.circuit_open_for or 0.0
+        probing = target.circuit_probing
         if open_for <= 0:
             became_probe = await self._with_database(lambda conn: _circuit_take_probe(
                 conn, target.abonnement_id, self._settings.circuit_open_seconds))
             if became_probe:
                 bound.info("circuit_probe", abonnement_id=target.abonnement_uuid)
                 return False
-            open_for = self._settings.circuit_open_seconds
-        delay = open_for + random.uniform(0, min(5.0, open_for * 0.2 + 0.1))
+            probing = True  # another delivery won the race and is the probe
+        if probing:
+            # The probe's answer comes within a delivery timeout; waiting out its whole
+            # lease would hold these deliveries back long after a success closes the circuit.
+            delay = self._settings.defer_seconds * random.uniform(1, 1.5)
+        else:
+            delay = open_for + random.uniform(0, min(5.0, open_for * 0.2 + 0.1))
         await self._with_database(lambda conn: delivery.defer(conn, target, delay))
         bound.debug("delivery_deferred", reason="circuit_open", retry_in_s=round(delay, 2))
         return True
