@@ -47,6 +47,38 @@ def test_client_add_with_secret_and_all_scopes(base_env, clean_db):
     assert clean_db.execute("SELECT all_scopes FROM api_client").fetchone()[0] is True
 
 
+def test_client_add_of_existing_client_is_refused(base_env, clean_db):
+    koerier(base_env, "client", "add", "zrc", "--secret", "first", "--all")
+
+    result = koerier(base_env, "client", "add", "zrc", "--secret", "second", "--all")
+
+    assert result.returncode == 1
+    assert "--replace" in result.stderr
+
+
+def test_client_add_of_existing_client_keeps_its_secret(base_env, clean_db):
+    koerier(base_env, "client", "add", "zrc", "--secret", "first", "--all")
+
+    koerier(base_env, "client", "add", "zrc", "--secret", "second", "--all")
+
+    stored = clean_db.execute("SELECT secret FROM api_client WHERE client_id = 'zrc'")
+    assert sealing.unseal(stored.fetchone()[0]) == "first"
+
+
+def test_client_add_with_replace_overwrites_secret_and_scopes(base_env, clean_db):
+    koerier(base_env, "client", "add", "zrc", "--secret", "first", "--all")
+
+    result = koerier(base_env, "client", "add", "zrc", "--secret", "second", "--replace",
+                     "--scope", "notificaties.consumeren")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("updated client")
+    stored = clean_db.execute(
+        "SELECT secret, scopes, all_scopes FROM api_client WHERE client_id = 'zrc'").fetchone()
+    assert (sealing.unseal(stored[0]), stored[1], stored[2]) == (
+        "second", ["notificaties.consumeren"], False)
+
+
 def test_client_add_without_scope_is_refused(base_env, clean_db):
     result = koerier(base_env, "client", "add", "zrc")
 

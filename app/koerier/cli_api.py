@@ -50,9 +50,16 @@ def client() -> None:
               help="A scope to grant; repeat for more.")
 @click.option("--all", "all_scopes", is_flag=True,
               help="Grant every scope (heeftAlleAutorisaties).")
+@click.option("--replace", is_flag=True,
+              help="Replace the secret and scopes of an existing CLIENT_ID; its current "
+                   "tokens stop working.")
 def client_add(client_id: str, secret: str | None, scopes: tuple[str, ...],
-               all_scopes: bool) -> None:
-    """Create CLIENT_ID, or replace its secret and scopes, and print its credentials."""
+               all_scopes: bool, replace: bool) -> None:
+    """Create CLIENT_ID and print its credentials.
+
+    An existing client is refused unless --replace is given: a new secret breaks every
+    integration that uses the old one.
+    """
     from koerier import clients
     from koerier.cli import get_settings
 
@@ -66,8 +73,15 @@ def client_add(client_id: str, secret: str | None, scopes: tuple[str, ...],
     secret = secret or clients.generate_secret()
     created = _database_call(
         lambda: clients.add(settings.database_conninfo, client_id, secret, list(scopes),
-                            all_scopes)
+                            all_scopes, replace=replace)
     )
+    if created is None:
+        click.echo(
+            f"client {client_id!r} exists; its secret and scopes are unchanged. Give "
+            "--replace to overwrite them (integrations using the old secret stop working).",
+            err=True,
+        )
+        sys.exit(1)
     click.echo(f"{'created' if created else 'updated'} client")
     click.echo(f"client_id: {client_id}")
     click.echo(f"secret:    {secret}")

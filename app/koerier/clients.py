@@ -102,22 +102,29 @@ def _client_from_row(row: dict[str, object]) -> ApiClient:
 
 
 def add(
-    conninfo: str, client_id: str, secret: str, scopes: list[str], all_scopes: bool
-) -> bool:
-    """Create the client, or replace its secret and scopes; True when it was new."""
+    conninfo: str, client_id: str, secret: str, scopes: list[str], all_scopes: bool,
+    replace: bool = False,
+) -> bool | None:
+    """Create the client; True when it was new. An existing client keeps its secret and
+    scopes (None) unless ``replace``, which overwrites them (False)."""
+    conflict = (
+        """DO UPDATE SET secret = EXCLUDED.secret, scopes = EXCLUDED.scopes,
+                all_scopes = EXCLUDED.all_scopes, updated_at = now()"""
+        if replace else "DO NOTHING"
+    )
     with psycopg.connect(conninfo) as conn:
         row = conn.execute(
-            """
+            f"""
             INSERT INTO api_client (client_id, secret, scopes, all_scopes)
             VALUES (%s, %s, %s, %s)
-            ON CONFLICT (client_id) DO UPDATE
-                SET secret = EXCLUDED.secret, scopes = EXCLUDED.scopes,
-                    all_scopes = EXCLUDED.all_scopes, updated_at = now()
+            ON CONFLICT (client_id) {conflict}
             RETURNING (xmax = 0) AS inserted
             """,
             (client_id, sealing.seal(secret), sorted(set(scopes)), all_scopes),
         ).fetchone()
-    return bool(row and row[0])
+    if row is None:
+        return None
+    return bool(row[0])
 
 
 def get(conninfo: str, client_id: str) -> ApiClient | None:
