@@ -68,6 +68,24 @@ def test_create_kanaal_without_naam_names_the_field(api):
     ]
 
 
+@pytest.mark.parametrize("names", [["a", "a"], ["a", "A"], ["object_type", "objectType"]])
+def test_create_kanaal_with_filters_equal_in_canonical_form_is_rejected(api, names):
+    response = api.post("/api/v1/kanaal", json={"naam": "zaken", "filters": names},
+                        client="publisher")
+
+    assert response.status_code == 400, response.text
+    assert response.json()["invalidParams"][0]["name"] == "filters"
+
+
+def test_patch_kanaal_with_filters_equal_in_canonical_form_is_rejected(api):
+    created = create(api)
+
+    response = api.patch(created["url"], json={"filters": ["a_", "a"]}, client="publisher")
+
+    assert response.status_code == 400, response.text
+    assert response.json()["invalidParams"][0]["name"] == "filters"
+
+
 def test_list_kanalen_is_a_plain_array(api):
     create(api)
     create(api, {"naam": "documenten"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from koerier import db, logs
+from koerier import db, filters, logs
 from koerier.api import errors, validation
 from koerier.api.base import ApiHandler, many, one
 from koerier.clients import SCOPE_CONSUME, SCOPE_PUBLISH
@@ -52,7 +52,23 @@ class KanaalMixin(ApiHandler):
         if problems:
             raise errors.validation_error(problems)
         assert isinstance(self.body, dict)
+        _check_distinct_filters(self.body.get("filters") or [])
         return self.body
+
+
+def _check_distinct_filters(names: list[str]) -> None:
+    """Kenmerken are compared in canonical form, so two names that share one would be the
+    same filter declared twice; the publisher most likely meant something else."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = filters.canonical(name)
+        if key in seen:
+            raise errors.invalid(
+                "filters", "unique",
+                f"must be distinct in canonical form (lower case without _ and -), but "
+                f"{seen[key]!r} and {name!r} are both {key!r}",
+            )
+        seen[key] = name
 
 
 class KanaalListHandler(KanaalMixin):
