@@ -10,8 +10,10 @@ import asyncio
 import time
 
 import pytest
+from structlog.testing import capture_logs
 
 from koerier import db, delivery, relay
+from koerier.broker import Publisher
 from koerier.config import load_settings
 from tests.delivery_support import (
     FAST_ENV,
@@ -181,6 +183,25 @@ async def test_circuit_opens_after_repeated_failures_and_closes_after_a_good_pro
     # round from being attempted (a few were in flight when it opened).
     assert attempts_while_open < 12
     worker.wait_for_event("circuit_closed")
+
+
+async def test_publisher_during_an_outage_logs_left_to_relay_once_then_a_summary(base_env):
+    # Not started yet: every submit finds no channel, as during a broker outage.
+    publisher = Publisher(load_settings())
+    with capture_logs() as events:
+        for delivery_id in range(1, 6):
+            publisher.submit([delivery_id, delivery_id + 100])
+        publisher.start()
+        try:
+            assert await publisher.wait_connected(15)
+        finally:
+            await publisher.close()
+
+    left = [event for event in events if event["event"] == "publish_left_to_relay"]
+    ended = [event for event in events if event["event"] == "publish_left_to_relay_ended"]
+    assert len(left) == 1
+    assert len(ended) == 1
+    assert (ended[0]["publishes"], ended[0]["count"]) == (5, 10)
 
 
 def test_retry_schedule_defaults_match_the_incumbent_about_a_day():

@@ -40,6 +40,9 @@ ROUTING_KEY = "delivery"
 STEP_TIMEOUT_SECONDS = 10.0
 RECONNECT_MIN_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 15.0
+# The API's publisher: every second it is disconnected, publishes go the slower way through
+# the relay, so it tries again sooner than the workers' connections do.
+API_RECONNECT_MAX_SECONDS = 2.0
 
 log = logs.get("koerier.broker")
 
@@ -82,8 +85,10 @@ class _ChannelKeeper:
 
     role = "broker"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 reconnect_max_seconds: float = RECONNECT_MAX_SECONDS) -> None:
         self._settings = settings
+        self._reconnect_max_seconds = reconnect_max_seconds
         self._connection: AsyncioConnection | None = None
         self._channel: pika.channel.Channel | None = None
         self._closed: asyncio.Future[BaseException | None] | None = None
@@ -136,7 +141,7 @@ class _ChannelKeeper:
                 log.warning("broker_connect_failed", role=self.role, error=str(exc) or
                             type(exc).__name__, retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+                delay = min(delay * 2, self._reconnect_max_seconds)
                 continue
             delay = RECONNECT_MIN_SECONDS
             log.info("broker_connected", role=self.role)
@@ -256,9 +261,14 @@ class Publisher(_ChannelKeeper):
         self,
         settings: Settings,
         on_confirmed: Callable[[list[int]], Awaitable[None]] | None = None,
+        reconnect_max_seconds: float = RECONNECT_MAX_SECONDS,
     ) -> None:
-        super().__init__(settings)
+        super().__init__(settings, reconnect_max_seconds)
         self._on_confirmed = on_confirmed
+        # Publishes left to the relay since the channel was lost: one log line per outage,
+        # not one per publish (an API under load would write hundreds a second).
+        self._left_publishes = 0
+        self._left_deliveries = 0
         self._next_tag = 1
         # Delivery tag -> (delivery id, future resolved with True on ack, False otherwise).
         self._unconfirmed: OrderedDict[int, tuple[int, asyncio.Future[bool]]] = OrderedDict()
@@ -268,6 +278,10 @@ class Publisher(_ChannelKeeper):
     async def _on_channel_ready(self, channel: pika.channel.Channel) -> None:
         self._next_tag = 1
         await self._rpc(lambda done: channel.confirm_delivery(self._on_confirm, callback=done))
+        if self._left_publishes:
+            log.info("publish_left_to_relay_ended", publishes=self._left_publishes,
+                     count=self._left_deliveries)
+            self._left_publishes = self._left_deliveries = 0
 
     def _on_channel_lost(self) -> None:
         pending = list(self._unconfirmed.values())
@@ -338,7 +352,10 @@ class Publisher(_ChannelKeeper):
             published = self._publish_now(delivery_ids)
         except (BrokerUnavailable, pika.exceptions.AMQPError) as exc:
             metrics.PUBLISHED.labels("left_to_relay").inc(len(delivery_ids))
-            log.warning("publish_left_to_relay", count=len(delivery_ids), error=str(exc))
+            if not self._left_publishes:
+                log.warning("publish_left_to_relay", count=len(delivery_ids), error=str(exc))
+            self._left_publishes += 1
+            self._left_deliveries += len(delivery_ids)
             return
         for delivery_id, future in published:
             future.add_done_callback(functools.partial(self._confirmed_one, delivery_id))

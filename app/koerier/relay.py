@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 
 from koerier import db, logs, metrics
-from koerier.broker import Publisher
+from koerier.broker import API_RECONNECT_MAX_SECONDS, Publisher
 from koerier.config import Settings
 from koerier.db import DatabaseUnavailable
 
@@ -65,7 +65,8 @@ async def mark_queued(delivery_ids: list[int]) -> None:
 
 def api_publisher(settings: Settings) -> Publisher:
     """The publisher for an API process: confirmed deliveries are marked ``queued``."""
-    return Publisher(settings, on_confirmed=mark_queued)
+    return Publisher(settings, on_confirmed=mark_queued,
+                     reconnect_max_seconds=API_RECONNECT_MAX_SECONDS)
 
 
 class Relay:
