@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from koerier.config import ConfigError, Settings, load_settings
+from tests.harness import KOERIER
 
 DOC = Path(__file__).parent.parent / "docs" / "configuration.md"
 
@@ -45,3 +48,15 @@ def test_env_file_is_read_and_the_environment_wins(monkeypatch, tmp_path):
 
     assert loaded.db_name == "from_file"
     assert loaded.db_host == "env-host"
+
+
+def test_cli_without_env_file_names_the_files_it_looked_for(tmp_path):
+    # Only KOERIER_* set by the session's fixtures are dropped: the command must find none.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KOERIER_")}
+
+    result = subprocess.run([str(KOERIER), "client", "list"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2
+    assert str(tmp_path / "koerier.env") in result.stderr
+    assert "/etc/koerier/koerier.env" in result.stderr

@@ -7,7 +7,14 @@ import sys
 import click
 
 from koerier import __version__
-from koerier.config import ConfigError, Settings, load_settings
+from koerier.config import (
+    LOCAL_ENV_FILE,
+    SYSTEM_ENV_FILE,
+    ConfigError,
+    Settings,
+    env_file,
+    load_settings,
+)
 
 
 def get_settings(**overrides: object) -> Settings:
@@ -18,6 +25,13 @@ def get_settings(**overrides: object) -> Settings:
         click.echo("Koerier cannot start; the configuration has problems:", err=True)
         for problem in exc.problems:
             click.echo(f"  - {problem}", err=True)
+        if env_file() is None:
+            # Run from another folder, the operator's koerier.env is silently not read.
+            click.echo(
+                "No env file was read: KOERIER_ENV_FILE is not set, and neither "
+                f"{LOCAL_ENV_FILE.resolve()} nor {SYSTEM_ENV_FILE} exists.",
+                err=True,
+            )
         sys.exit(2)
 
 
