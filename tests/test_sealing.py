@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from koerier import sealing
@@ -85,3 +87,11 @@ def test_check_names_credentials_that_no_key_opens(base_env, clean_db):
     assert broken.returncode == 1
     assert "FAIL: credentials" in broken.stderr and "client rotated" in broken.stderr
     assert "ok: credentials" in fixed.stdout
+
+
+def test_api_doc_says_client_secrets_are_sealed_with_the_secret_key():
+    text = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    authentication = text.split("## Authentication")[1].split("\n## ")[0]
+
+    assert "sealed" in authentication
+    assert "KOERIER_SECRET_KEY" in authentication
