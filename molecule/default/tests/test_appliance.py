@@ -98,8 +98,8 @@ def test_unit_is_sandboxed(host, unit, setting, expected):
 
 @pytest.mark.parametrize(
     "unit",
-    [*API_UNITS, *WORKER_UNITS, "koerier.target", "koerier-cleanup.service",
-     "koerier-cleanup.timer"],
+    [*(f"{unit}.service" for unit in API_UNITS + WORKER_UNITS), "koerier.target",
+     "koerier-cleanup.service", "koerier-cleanup.timer"],
 )
 def test_unit_file_is_valid(host, unit):
     result = host.run(f"systemd-analyze verify /etc/systemd/system/{unit}")
