@@ -56,7 +56,7 @@ def test_deliveries_failed_filters_by_since(two_failed, base_env):
 
     result = koerier(base_env, "deliveries", "failed", "--since", since.replace(" ", "T"))
 
-    assert "1 failed deliveries" in result.stdout
+    assert "1 failed delivery" in result.stdout
     assert f"{one:>9}" in result.stdout
 
 
@@ -87,6 +87,39 @@ def test_resend_all_schedules_every_failed_delivery(two_failed, base_env):
 
     assert "2 deliveries scheduled" in result.stdout
     assert db.execute("SELECT DISTINCT state FROM delivery").fetchall() == [("scheduled",)]
+
+
+def test_resend_of_one_delivery_says_delivery_in_the_singular(two_failed, base_env):
+    _, (one, _), _ = two_failed
+
+    result = koerier(base_env, "deliveries", "resend", str(one))
+
+    assert result.returncode == 0, result.stderr
+    assert "1 delivery scheduled to be sent again" in result.stdout
+
+
+def test_notifications_show_of_a_delivery_with_one_attempt_says_attempt_in_the_singular(
+    clean_db, base_env
+):
+    [abonnement] = make_abonnementen(clean_db, ["http://127.0.0.1:9/a"])
+    notification, [one] = store_notification(clean_db, [abonnement])
+    clean_db.execute("UPDATE delivery SET state = 'scheduled', attempts = 1 WHERE id = %s",
+                     (one,))
+
+    result = koerier(base_env, "notifications", "show", notification)
+
+    assert result.returncode == 0, result.stderr
+    assert f"delivery {one}: scheduled, 1 attempt -> " in result.stdout
+
+
+def test_notifications_show_of_a_non_uuid_names_the_argument_and_expects_a_uuid(
+    clean_db, base_env
+):
+    result = koerier(base_env, "notifications", "show", "nope")
+
+    assert result.returncode == 2
+    assert ("Invalid value for NOTIFICATION_UUID: must be a UUID, but got 'nope'"
+            in result.stderr)
 
 
 def test_resend_of_an_unknown_id_names_it_and_fails(two_failed, base_env):
@@ -140,7 +173,7 @@ def test_cleanup_removes_old_finished_notifications_and_keeps_the_rest(clean_db,
     result = koerier(base_env, "cleanup")
 
     assert result.returncode == 0, result.stderr
-    assert "removed 1 notifications" in result.stdout
+    assert "removed 1 notification " in result.stdout
     left = {row[0] for row in clean_db.execute("SELECT uuid::text FROM notification")}
     assert left == {pending_uuid, recent_uuid}
     assert clean_db.execute("SELECT count(*) FROM delivery_attempt").fetchone() == (1,)

@@ -40,6 +40,11 @@ def _uuid(value: str, what: str) -> str:
         raise click.BadParameter(f"must be a UUID, but got {value!r}", param_hint=what) from None
 
 
+def _count(number: int, singular: str, plural: str) -> str:
+    """``1 attempt``, ``2 attempts``: operators read these lines, not just scripts."""
+    return f"{number} {singular if number == 1 else plural}"
+
+
 def _since(value: str | None) -> datetime | None:
     if value is None:
         return None
@@ -117,7 +122,7 @@ def deliveries_failed(abonnement_uuid: str | None, since: str | None, as_json: b
         click.echo(f"{row['id']:>9}  {_when(row['finished_at']):25}  {row['attempts']:>8}  "
                    f"{row['notification']} -> {row['abonnement'] or '(deleted)'}")
         click.echo(f"{'':>9}  {row['callback_url'] or '-'}: {row['last_error'] or '-'}")
-    click.echo(f"{len(rows)} failed deliveries")
+    click.echo(_count(len(rows), "failed delivery", "failed deliveries"))
 
 
 @deliveries.command("resend")
@@ -158,7 +163,7 @@ def deliveries_resend(delivery_ids: tuple[int, ...], abonnement_uuid: str | None
         ).fetchall()
     resent = sorted(row["id"] for row in rows)
     missing = sorted(set(delivery_ids) - set(resent))
-    click.echo(f"{len(resent)} deliveries scheduled to be sent again")
+    click.echo(f"{_count(len(resent), 'delivery', 'deliveries')} scheduled to be sent again")
     if missing:
         click.echo("not re-sent (unknown, still in progress, or abonnement deleted): "
                    + ", ".join(str(delivery_id) for delivery_id in missing), err=True)
@@ -175,7 +180,7 @@ def notifications() -> None:
 def notifications_show(notification_uuid: str) -> None:
     """Print a notification with its deliveries and every attempt."""
     settings = _settings()
-    key = _uuid(notification_uuid, "ID")
+    key = _uuid(notification_uuid, "NOTIFICATION_UUID")
     with _connect(settings) as conn:
         notification = conn.execute(
             "SELECT id, uuid::text AS uuid, kanaal, message::text AS message, received_at "
@@ -203,7 +208,8 @@ def notifications_show(notification_uuid: str) -> None:
     click.echo(f"  message:  {notification['message']}")
     click.echo(f"deliveries: {len(rows)}")
     for row in rows:
-        click.echo(f"  delivery {row['id']}: {row['state']}, {row['attempts']} attempts -> "
+        made = _count(row["attempts"], "attempt", "attempts")
+        click.echo(f"  delivery {row['id']}: {row['state']}, {made} -> "
                    f"{row['callback_url'] or '(abonnement deleted)'} "
                    f"(abonnement {row['abonnement'] or '-'})")
         if row["state"] == "scheduled":
@@ -239,8 +245,9 @@ def cleanup(days: int | None) -> None:
             (keep,)).rowcount
         conn.execute(
             "DELETE FROM circuit c WHERE open_until IS NULL AND consecutive_failures = 0")
-    click.echo(f"removed {removed} notifications (with their deliveries) and {attempts} "
-               f"attempts older than {keep} days")
+    click.echo(f"removed {_count(removed, 'notification', 'notifications')} (with their "
+               f"deliveries) and {_count(attempts, 'attempt', 'attempts')} older than "
+               f"{_count(keep, 'day', 'days')}")
 
 
 def register(main: click.Group) -> None:
