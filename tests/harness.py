@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -29,9 +30,21 @@ RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range (32768 and up).
+
+    Ports handed out by ``bind(0)`` come from the ephemeral range, where any outgoing
+    connection of a busy test run may take them between this check and the server's
+    bind; RabbitMQ failed to start on exactly that race.
+    """
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
@@ -180,10 +193,14 @@ class RabbitServer:
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root or tempfile.mkdtemp(prefix="koerier-rabbit-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self._started = False
+        self._choose_ports()
+
+    def _choose_ports(self) -> None:
         self.port = free_port()
         self.dist_port = free_port()
         self.node = f"koerier-test-{self.port}@localhost"
-        self.process: subprocess.Popen[bytes] | None = None
         (self.root / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
             f"default_vhost = {self.vhost}\n"
@@ -217,6 +234,21 @@ class RabbitServer:
         return env
 
     def start(self, timeout: float = 90.0) -> None:
+        """Start the node; a first start that fails is tried on other ports (twice more)."""
+        for attempt in range(3):
+            try:
+                self._start_once(timeout)
+            except RuntimeError:
+                # A restart must keep its ports (clients and queued messages rely on them).
+                if self._started or attempt == 2:
+                    raise
+                self.kill()
+                self._choose_ports()
+                continue
+            self._started = True
+            return
+
+    def _start_once(self, timeout: float) -> None:
         self.process = subprocess.Popen(
             [str(RABBIT_BIN / "rabbitmq-server")], env=self._env(),
             stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT,

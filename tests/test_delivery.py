@@ -7,6 +7,7 @@ handed to the same publisher the API uses (``relay.api_publisher``), in this pro
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -204,9 +205,19 @@ async def test_publisher_during_an_outage_logs_left_to_relay_once_then_a_summary
     assert (ended[0]["publishes"], ended[0]["count"]) == (5, 10)
 
 
-def test_retry_schedule_defaults_match_the_incumbent_about_a_day():
-    settings = load_settings(retry_max=7, retry_base_seconds=25, retry_factor=4,
-                             retry_max_delay_seconds=52_000)
+@pytest.fixture
+def default_settings(monkeypatch):
+    """The settings as shipped: no env file, no KOERIER_RETRY_* from anywhere."""
+    monkeypatch.setenv("KOERIER_ENV_FILE", os.devnull)
+    monkeypatch.setenv("KOERIER_ENVIRONMENT", "development")
+    for name in list(os.environ):
+        if name.startswith("KOERIER_RETRY_"):
+            monkeypatch.delenv(name)
+    return load_settings()
+
+
+def test_retry_schedule_defaults_match_the_incumbent_about_a_day(default_settings):
+    settings = default_settings
 
     schedule = delivery.retry_schedule(settings)
 
@@ -215,8 +226,8 @@ def test_retry_schedule_defaults_match_the_incumbent_about_a_day():
 
 
 @pytest.mark.parametrize("retry", [1, 4, 7])
-def test_retry_delay_stays_within_the_jitter(retry):
-    settings = load_settings(retry_jitter=0.2)
+def test_retry_delay_stays_within_the_jitter(default_settings, retry):
+    settings = default_settings
     nominal = delivery.retry_schedule(settings)[retry - 1]
 
     delays = [delivery.retry_delay(settings, retry) for _ in range(200)]
