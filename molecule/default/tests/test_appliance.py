@@ -230,3 +230,29 @@ def test_rolling_restart_keeps_the_api_up(host):
     assert len(statuses) > 10
     failures = [status for status in statuses if status != "200"]
     assert not failures, f"{len(failures)} of {len(statuses)} requests failed: {failures[:5]}"
+
+
+def _served_serial(tls) -> str:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", HTTPS_PORT), timeout=10) as raw:
+        with tls.wrap_socket(raw, server_hostname=DOMAIN) as secure:
+            return secure.getpeercert()["serialNumber"]
+
+
+def test_renewed_certificate_is_served_after_the_deploy_hook(host, tls):
+    """certbot's renewal (forced, against pebble) runs the role's hook and nginx serves
+    the new certificate."""
+    import time
+
+    before = _served_serial(tls)
+    result = host.run(
+        "REQUESTS_CA_BUNDLE=/etc/pebble-test/tls/cert.pem "
+        "certbot renew --force-renewal --no-random-sleep-on-renew"
+    )
+    assert result.rc == 0, result.stdout + result.stderr
+    for _ in range(20):
+        if _served_serial(tls) != before:
+            return
+        time.sleep(0.5)
+    raise AssertionError("nginx still serves the certificate from before the renewal")
