@@ -23,6 +23,7 @@ fail() { failed=$((failed + ${2:-1})); failures+=("$1"); printf '[appliance] FAI
 # Test hosts of these scenarios only: other podman containers on the machine are left alone.
 remove_test_hosts() {
   podman rm -f koerier-single koerier-data koerier-app >/dev/null 2>&1 || true
+  podman network rm koerier-split >/dev/null 2>&1 || true
 }
 trap remove_test_hosts EXIT
 
