@@ -255,7 +255,7 @@ def test_subscriber_that_never_recovers_ends_failed_listed_and_resendable(
         finally:
             worker.terminate()
 
-    assert "1 failed deliveries" in listed.stdout
+    assert "1 failed delivery\n" in listed.stdout
     assert "connection_error" in listed.stdout
     assert resent.returncode == 0, resent.stderr
     assert len(attempts(clean_db)) == 5
