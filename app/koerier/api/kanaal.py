@@ -7,7 +7,7 @@ from typing import Any
 
 from koerier import db, filters, logs
 from koerier.api import errors, validation
-from koerier.api.base import ApiHandler, many, one
+from koerier.api.base import ApiHandler, Row, many, one
 from koerier.clients import SCOPE_CONSUME, SCOPE_PUBLISH
 
 log = logs.get("koerier.api.kanaal")
@@ -117,15 +117,19 @@ class KanaalDetailHandler(KanaalMixin):
     scopes = {"GET": READ, "PUT": WRITE, "PATCH": WRITE}
 
     async def get(self, raw_uuid: str) -> None:
-        kanaal_uuid = parse_uuid(raw_uuid)
         async with db.connection() as conn:
-            cursor = await conn.execute(
-                f"SELECT {COLUMNS} FROM kanaal WHERE uuid = %s", (kanaal_uuid,)
-            )
-            row = one(await cursor.fetchone())
+            row = await self._fetch(conn, parse_uuid(raw_uuid))
+        self.send_json(self.representation(row))
+
+    @staticmethod
+    async def _fetch(conn: Any, kanaal_uuid: uuid.UUID, lock: bool = False) -> Row:
+        """The kanaal's row (locked for an update when asked), or a 404."""
+        query = f"SELECT {COLUMNS} FROM kanaal WHERE uuid = %s" + (" FOR UPDATE" if lock else "")
+        cursor = await conn.execute(query, (kanaal_uuid,))
+        row = one(await cursor.fetchone())
         if row is None:
             raise errors.not_found()
-        self.send_json(self.representation(row))
+        return row
 
     async def put(self, raw_uuid: str) -> None:
         await self._update(raw_uuid, partial=False)
@@ -137,12 +141,7 @@ class KanaalDetailHandler(KanaalMixin):
         kanaal_uuid = parse_uuid(raw_uuid)
         body = self.check_body(partial=partial)
         async with db.connection() as conn:
-            cursor = await conn.execute(
-                f"SELECT {COLUMNS} FROM kanaal WHERE uuid = %s FOR UPDATE", (kanaal_uuid,)
-            )
-            current = one(await cursor.fetchone())
-            if current is None:
-                raise errors.not_found()
+            current = await self._fetch(conn, kanaal_uuid, lock=True)
             if "naam" in body and body["naam"] != current["naam"]:
                 raise errors.invalid(
                     "naam", "immutable", "the naam of a kanaal cannot be changed"
