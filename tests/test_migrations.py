@@ -19,7 +19,7 @@ def test_migrate_twice_creates_the_schema_and_then_changes_nothing(pg_server: Po
 
     assert first.returncode == 0, first.stderr
     assert second.returncode == 0, second.stderr
-    assert "version 0003" in second.stdout
+    assert "version 0004" in second.stdout
     with psycopg.connect(pg_server.conninfo("migrate_twice")) as conn:
         tables = {row[0] for row in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     aanmaakdatum_leeway_seconds: int = Field(300, ge=0)
     # The zone of an ``aanmaakdatum`` without an offset; ZGW components mean Dutch time.
     naive_time_zone: str = "Europe/Amsterdam"
+    # Group commit (intake.py): notifications that arrive together share a transaction.
+    intake_transactions: int = Field(2, ge=1)
+    intake_batch_max: int = Field(100, ge=1)
 
     # Subscription probe
     probe_enabled: bool = True

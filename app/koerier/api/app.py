@@ -16,6 +16,7 @@ from koerier.api.notificaties import NotificatiesHandler
 from koerier.auth import Authenticator
 from koerier.clients import ClientCache
 from koerier.config import Settings
+from koerier.intake import Intake
 from koerier.routing import DeliveryPublisher
 
 access_log = logs.get("koerier.access")
@@ -42,6 +43,7 @@ def make_app(
             leeway_seconds=settings.jwt_leeway_seconds,
         ),
         publisher=publisher,
+        intake=Intake(settings.intake_batch_max, settings.intake_transactions),
         trusted_networks=[
             ipaddress.ip_network(item, strict=False) for item in settings.trusted_proxies
         ],

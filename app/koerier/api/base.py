@@ -23,6 +23,7 @@ from koerier.api.errors import ApiError
 from koerier.auth import AuthenticationFailed, Authenticator, Principal
 from koerier.config import Settings
 from koerier.db import DatabaseUnavailable
+from koerier.intake import Intake
 from koerier.routing import DeliveryPublisher
 
 API_VERSION = "1.0.1"
@@ -50,6 +51,7 @@ class ApiContext:
     settings: Settings
     authenticator: Authenticator
     publisher: DeliveryPublisher | None = None
+    intake: Intake = field(default_factory=Intake)
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(
         default_factory=list
     )
