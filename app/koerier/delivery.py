@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import aiohttp
@@ -95,17 +97,8 @@ class AttemptResult:
         return f"{self.error_class}: {self.error_text}"
 
 
-_CLAIM = """
-    WITH claimed AS (
-        UPDATE delivery
-        SET state = 'sending', attempts = attempts + 1,
-            claimed_until = now() + make_interval(secs => %(lease)s)
-        WHERE id = %(id)s AND (
-            (state IN ('scheduled', 'queued') AND due_at <= now())
-            OR (state = 'sending' AND (%(redelivered)s OR claimed_until < now()))
-        )
-        RETURNING id, notification_id, abonnement_id, attempts, retry_from
-    )
+# What a worker needs of a claimed delivery to send it (``claimed``: the updated rows).
+_CLAIMED_SELECT = """
     SELECT c.id, c.attempts, c.retry_from, c.abonnement_id,
            n.uuid::text AS notification_uuid, n.message::text AS message,
            extract(epoch FROM n.received_at)::float8 AS received_at,
@@ -119,16 +112,69 @@ _CLAIM = """
     LEFT JOIN circuit ci ON ci.abonnement_id = c.abonnement_id
 """
 
+# One delivery: the primary key lookup every plan takes.
+_CLAIM_ONE = """
+    WITH claimed AS (
+        UPDATE delivery
+        SET state = 'sending', attempts = attempts + 1,
+            claimed_until = now() + make_interval(secs => %(lease)s)
+        WHERE id = %(id)s AND (
+            (state IN ('scheduled', 'queued') AND due_at <= now())
+            OR (state = 'sending' AND (%(redelivered)s OR claimed_until < now()))
+        )
+        RETURNING id, notification_id, abonnement_id, attempts, retry_from
+    )
+""" + _CLAIMED_SELECT
+
+# Several deliveries at once. Not prepared (see claim_many): its plan depends on the
+# table's size, and a plan kept from when the table was small would scan all of it.
+_CLAIM_MANY = """
+    WITH wanted AS (
+        SELECT * FROM unnest(%(ids)s::bigint[], %(redelivered)s::bool[]) AS t(id, redelivered)
+    ), claimed AS (
+        UPDATE delivery d
+        SET state = 'sending', attempts = d.attempts + 1,
+            claimed_until = now() + make_interval(secs => %(lease)s)
+        FROM wanted w
+        WHERE d.id = w.id AND (
+            (d.state IN ('scheduled', 'queued') AND d.due_at <= now())
+            OR (d.state = 'sending' AND (w.redelivered OR d.claimed_until < now()))
+        )
+        RETURNING d.id, d.notification_id, d.abonnement_id, d.attempts, d.retry_from
+    )
+""" + _CLAIMED_SELECT
+
+
 
 async def claim(
     conn: psycopg.AsyncConnection[Any], delivery_id: int, redelivered: bool, lease: float
 ) -> Claim | None:
     """Make the delivery ``sending`` for this worker, or None when it is not claimable."""
     cursor = await conn.execute(
-        _CLAIM, {"id": delivery_id, "redelivered": redelivered, "lease": lease})
+        _CLAIM_ONE, {"id": delivery_id, "redelivered": redelivered, "lease": lease})
     row = await cursor.fetchone()
-    if row is None:
-        return None
+    return None if row is None else _claim_from(row)
+
+
+async def claim_many(
+    conn: psycopg.AsyncConnection[Any], wanted: Sequence[tuple[int, bool]], lease: float
+) -> list[Claim | None]:
+    """Claim several deliveries (id, whether its message was redelivered) in one statement;
+    one entry per wanted delivery, None where it is not claimable. An id wanted twice is
+    claimed at most once (for its first entry)."""
+    if len(wanted) == 1:
+        [(delivery_id, redelivered)] = wanted
+        return [await claim(conn, delivery_id, redelivered, lease)]
+    cursor = await conn.execute(_CLAIM_MANY, prepare=False, params={
+        "ids": [delivery_id for delivery_id, _ in wanted],
+        "redelivered": [redelivered for _, redelivered in wanted],
+        "lease": lease,
+    })
+    claims = {row["id"]: _claim_from(row) for row in await cursor.fetchall()}
+    return [claims.pop(delivery_id, None) for delivery_id, _ in wanted]
+
+
+def _claim_from(row: Mapping[str, Any]) -> Claim:
     return Claim(
         delivery_id=row["id"],
         attempt=row["attempts"],
@@ -251,6 +297,76 @@ async def record(
                     bool(row["circuit_closed"]))
 
 
+_RECORD_SUCCESSES = """
+    WITH input AS (
+        SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(abonnementen)s::bigint[],
+                             %(started)s::timestamptz[], %(durations)s::int[], %(statuses)s::int[])
+             WITH ORDINALITY AS t(id, attempt, abonnement_id, started_at, duration_ms,
+                                  status_code, position)
+    ), attempt AS (
+        INSERT INTO delivery_attempt (delivery_id, number, started_at, duration_ms,
+                                      status_code, outcome)
+        SELECT id, attempt, started_at, duration_ms, status_code, 'success' FROM input
+    ), updated AS (
+        UPDATE delivery d
+        SET state = 'delivered', claimed_until = NULL, last_error = NULL, finished_at = now()
+        FROM input i
+        WHERE d.id = ANY(%(ids)s::bigint[]) AND d.id = i.id
+          AND d.state = 'sending' AND d.attempts = i.attempt
+        RETURNING d.id
+    ), closed AS (
+        UPDATE circuit c SET consecutive_failures = 0, open_until = NULL, probing = false
+        FROM (SELECT abonnement_id, open_until FROM circuit
+              WHERE abonnement_id IN (SELECT abonnement_id FROM input)
+                AND (consecutive_failures > 0 OR open_until IS NOT NULL)
+              FOR UPDATE) AS old
+        WHERE c.abonnement_id = old.abonnement_id
+        RETURNING c.abonnement_id, old.open_until IS NOT NULL AS was_open
+    )
+    SELECT i.id, EXISTS (SELECT 1 FROM updated u WHERE u.id = i.id) AS current,
+           coalesce((SELECT was_open FROM closed WHERE closed.abonnement_id = i.abonnement_id),
+                    false) AS circuit_closed
+    FROM input i
+    ORDER BY i.position
+"""
+
+
+async def record_successes(
+    conn: psycopg.AsyncConnection[Any], done: Sequence[tuple[Claim, AttemptResult]]
+) -> list[Recorded]:
+    """Record several successful attempts in one statement (what :func:`record` does for
+    one success). A circuit that one of them closed is reported for the first only.
+
+    The statement is not prepared, so that it is planned for the table as it is now."""
+    if len(done) == 1:
+        [(target, result)] = done
+        return [await record(conn, target, result, "delivered", None, 1, 0.0)]
+    cursor = await conn.execute(_RECORD_SUCCESSES, prepare=False, params={
+        "ids": [target.delivery_id for target, _ in done],
+        "attempts": [target.attempt for target, _ in done],
+        "abonnementen": [target.abonnement_id for target, _ in done],
+        "started": [result.started_at for _, result in done],
+        "durations": [result.duration_ms for _, result in done],
+        "statuses": [result.status_code for _, result in done],
+    })
+    rows = await cursor.fetchall()
+    recorded: list[Recorded] = []
+    closed_reported: set[int] = set()
+    for (target, _), row in zip(done, rows, strict=True):
+        closed = bool(row["circuit_closed"]) and target.abonnement_id not in closed_reported
+        if closed:
+            closed_reported.add(target.abonnement_id)
+        recorded.append(Recorded(bool(row["current"]), 0, closed))
+    return recorded
+
+
+@lru_cache(maxsize=4096)
+def _authorization(sealed: str) -> str:
+    # Unsealing costs an HMAC and an AES decryption; an abonnement's value seldom changes,
+    # and the sealed text (random IV included) changes with it.
+    return sealing.unseal(sealed)
+
+
 def new_session(settings: Settings, concurrency: int) -> aiohttp.ClientSession:
     """The worker process's one HTTP client session, with a pooled connector."""
     connector = aiohttp.TCPConnector(
@@ -275,7 +391,7 @@ async def send(session: aiohttp.ClientSession, target: Claim) -> AttemptResult:
         ATTEMPT_HEADER: str(target.attempt),
     }
     try:
-        authorization = sealing.unseal(target.auth)
+        authorization = _authorization(target.auth)
     except sealing.UnsealError as exc:
         # Sending without the subscriber's credentials would be worse than not sending.
         return AttemptResult(datetime.now(UTC), 0, None, "credentials_unreadable", str(exc))

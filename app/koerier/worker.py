@@ -3,7 +3,9 @@
 One worker process holds one RabbitMQ consumer (manual acks, prefetch
 ``KOERIER_WORKER_PREFETCH``), one publisher for its relay, one aiohttp session and one
 PostgreSQL pool. For every message it claims the delivery (docs/design.md), sends it, records
-the attempt and the new state, and only then acks the message.
+the attempt and the new state, and only then acks the message. Claims, and the records of
+successful attempts, of messages handled at the same time share one statement
+(batching.py); at low load each still goes alone, with the single-row statement.
 
 Isolation, so that one bad subscriber cannot slow the others:
 
@@ -29,7 +31,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -37,6 +39,7 @@ import aiohttp
 import psycopg
 
 from koerier import db, delivery, logs, metrics
+from koerier.batching import Batcher
 from koerier.broker import Consumer, Message, Publisher
 from koerier.config import Settings
 from koerier.db import DatabaseUnavailable
@@ -157,6 +160,13 @@ class Worker:
         # Long enough to cover waiting for a slot and the attempt itself; it only matters
         # when the message of a claimed delivery is lost (see the claim rule).
         self._lease = settings.delivery_timeout_seconds * 4 + 300
+        # Claims and successful outcomes of deliveries handled at the same time share one
+        # statement each (batching.py); failures are recorded one by one (circuit counts).
+        self._claims: Batcher[tuple[int, bool], delivery.Claim | None] = Batcher(
+            self._claim_batch, batch_max=100, concurrency=2)
+        self._successes: Batcher[tuple[delivery.Claim, delivery.AttemptResult],
+                                 delivery.Recorded] = Batcher(
+            self._record_batch, batch_max=100, concurrency=2)
 
     def stop(self) -> None:
         if not self._stopping.is_set():
@@ -230,6 +240,16 @@ class Worker:
                 metrics.DATABASE_UP.set(1)
             return result
 
+    async def _claim_batch(self, wanted: Sequence[tuple[int, bool]]
+                           ) -> list[delivery.Claim | None]:
+        return await self._with_database(
+            lambda conn: delivery.claim_many(conn, wanted, self._lease))
+
+    async def _record_batch(
+        self, done: Sequence[tuple[delivery.Claim, delivery.AttemptResult]]
+    ) -> list[delivery.Recorded]:
+        return await self._with_database(lambda conn: delivery.record_successes(conn, done))
+
     async def _handle(self, message: Message) -> None:
         try:
             delivery_id = int(message.body)
@@ -254,8 +274,7 @@ class Worker:
 
     async def _deliver(self, delivery_id: int, redelivered: bool) -> str:
         """Claim, send and record one delivery; returns the outcome for the metrics."""
-        target = await self._with_database(
-            lambda conn: delivery.claim(conn, delivery_id, redelivered, self._lease))
+        target = await self._claims.submit((delivery_id, redelivered))
         if target is None:
             log.debug("delivery_duplicate_dropped", delivery_id=delivery_id)
             return "duplicate"
@@ -323,9 +342,12 @@ class Worker:
         else:
             next_state, retry_in = "scheduled", delivery.retry_delay(settings, target.retry)
 
-        recorded = await self._with_database(lambda conn: delivery.record(
-            conn, target, result, next_state, retry_in,
-            settings.circuit_failure_threshold, settings.circuit_open_seconds))
+        if result.success:
+            recorded = await self._successes.submit((target, result))
+        else:
+            recorded = await self._with_database(lambda conn: delivery.record(
+                conn, target, result, next_state, retry_in,
+                settings.circuit_failure_threshold, settings.circuit_open_seconds))
         failures, closed, current = (recorded.consecutive_failures, recorded.circuit_closed,
                                      recorded.current)
         if closed:
