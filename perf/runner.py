@@ -27,7 +27,7 @@ from tests.harness import free_port, wait_for_port
 from perf import arrange, hotspots, report
 from perf.profiles import PROFILES, profile_named
 from perf.sampler import Sampler
-from perf.stack import LocalStack, StackOptions
+from perf.stack import LocalStack, StackOptions, write_statements
 
 ROOT = Path(__file__).resolve().parent.parent
 # The knob that --duration sets, per shape: what "how long" means for that shape.
@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in profilers:
         hotspots.write(raw / f"pyspy-{name}.txt", out / f"hotspots-{name}.md", name)
     summary, passed = report.build(out)
+    if stack is not None and stack.statements:
+        write_statements(stack.statements, out / "statements.md",
+                         summary["deliveries"]["accepted_notifications"])
     print_verdict(summary, out)
     return 0 if passed else 1
 

@@ -18,7 +18,10 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import psycopg
+from psycopg.rows import dict_row
 from tests.harness import PostgresServer, RabbitServer, free_port, wait_for_port
 
 
@@ -42,6 +45,46 @@ def koerier_command() -> list[str]:
     return [found]
 
 
+def read_statements(conninfo: str, limit: int = 15) -> list[dict[str, Any]]:
+    """The statements PostgreSQL spent most time executing during the run, with the
+    number of calls and rows (from pg_stat_statements)."""
+    with psycopg.connect(conninfo, row_factory=dict_row) as conn:
+        return conn.execute(
+            """
+            SELECT calls, rows, total_exec_time AS total_ms,
+                   total_exec_time / greatest(calls, 1) AS mean_ms,
+                   regexp_replace(query, '\\s+', ' ', 'g') AS query
+            FROM pg_stat_statements
+            WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND query !~* '^\\s*(--|CREATE|ALTER|INSERT INTO alembic|SELECT pg_advisory)'
+            ORDER BY total_exec_time DESC LIMIT %s
+            """,
+            (limit,),
+        ).fetchall()
+
+
+def write_statements(rows: list[dict[str, Any]], path: Path, notifications: int) -> None:
+    """``statements.md``: where PostgreSQL's time went, per statement."""
+    lines = [
+        "# PostgreSQL statements",
+        "",
+        "The statements the database spent most execution time on during the whole run",
+        "(pg_stat_statements; planning time not included). Per notification: total time",
+        f"divided by the {notifications} accepted notifications.",
+        "",
+        "| calls | rows | total ms | mean ms | ms per notification | statement |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        query = row["query"].strip().replace("|", "\\|")
+        if len(query) > 160:
+            query = query[:157] + "..."
+        per = row["total_ms"] / notifications if notifications else 0.0
+        lines.append(f"| {row['calls']} | {row['rows']} | {row['total_ms']:.1f} | "
+                     f"{row['mean_ms']:.3f} | {per:.3f} | `{query}` |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 class LocalStack:
     """Starts and stops the whole local Koerier; ``components()`` names its root processes."""
 
@@ -50,11 +93,14 @@ class LocalStack:
         self.logs = logs
         self.client_id = client_id
         self.secret = secret
-        self.pg = PostgresServer()
+        # pg_stat_statements: statements.md of a result tells what the database spent on
+        # which statement, where the sampler can only tell how much it spent.
+        self.pg = PostgresServer(settings={"shared_preload_libraries": "pg_stat_statements"})
         self.rabbit = RabbitServer()
         self.port = free_port()
         self.api: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
+        self.statements: list[dict[str, Any]] = []
 
     @property
     def url(self) -> str:
@@ -80,6 +126,8 @@ class LocalStack:
 
         say("migrating and registering the perf client")
         self._run("migrate")
+        with psycopg.connect(self.pg.conninfo(), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         self._run("client", "add", self.client_id, "--secret", self.secret, "--all")
 
         say(f"starting koerier serve ({self.options.api_processes} processes) and "
@@ -154,4 +202,8 @@ class LocalStack:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(5)
         self.rabbit.destroy()
+        try:
+            self.statements = read_statements(self.pg.conninfo())
+        except psycopg.Error as exc:
+            print(f"  (no statement statistics: {exc})")
         self.pg.destroy()

@@ -89,9 +89,11 @@ class PostgresServer:
     password = "koerier-test"
     database = "koerier"
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, settings: dict[str, str] | None = None):
         self.root = Path(root or tempfile.mkdtemp(prefix="koerier-pg-"))
         self.data = self.root / "data"
+        # More postgresql.conf lines, e.g. the perf harness's pg_stat_statements.
+        self.settings = settings or {}
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self._as_postgres = os.geteuid() == 0
@@ -122,6 +124,7 @@ class PostgresServer:
                 "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                 "max_connections = 300\nshared_buffers = 128MB\n"
             )
+            conf.writelines(f"{name} = '{value}'\n" for name, value in self.settings.items())
 
     def start(self) -> None:
         fresh = not self.data.exists()
