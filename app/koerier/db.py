@@ -6,8 +6,11 @@ Every query goes through :func:`connection`; when the database cannot be reached
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -21,6 +24,23 @@ class DatabaseUnavailable(Exception):
 
 
 _pool: AsyncConnectionPool | None = None
+
+# A connection that was given back this recently answered then; checking it again before
+# handing it out would cost a round trip per request under load.
+RECENTLY_USED_SECONDS = 1.0
+_returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+    weakref.WeakKeyDictionary())
+
+
+async def _note_returned(conn: psycopg.AsyncConnection[Any]) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+async def _check_unless_recent(conn: psycopg.AsyncConnection[Any]) -> None:
+    returned = _returned_at.get(conn)
+    if returned is not None and time.monotonic() - returned < RECENTLY_USED_SECONDS:
+        return
+    await AsyncConnectionPool.check_connection(conn)
 
 
 async def open_pool(
@@ -48,7 +68,10 @@ async def open_pool(
         timeout=settings.db_connect_timeout_seconds,
         # A connection that broke while idle (database restart) is found and replaced
         # before it is handed out, so the first request after a restart does not fail.
-        check=AsyncConnectionPool.check_connection if check else None,
+        # One given back within the last second is not checked (see above): a restart in
+        # that second fails the few requests that get such a connection, with a 503.
+        check=_check_unless_recent if check else None,
+        reset=_note_returned if check else None,
         reconnect_timeout=0,
         open=False,
         name="koerier",
