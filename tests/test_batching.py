@@ -185,3 +185,14 @@ async def test_a_cancelled_caller_does_not_break_the_others(cancelled_while):
     if ahead is not None:
         assert await ahead == 0
     assert await asyncio.wait_for(batcher.submit(4), 5) == 40
+
+
+async def test_a_handler_that_answers_too_few_results_fails_every_caller():
+    async def short(items):
+        return items[:1]
+
+    batcher = Batcher(short, batch_max=10, concurrency=1)
+    outcomes = await asyncio.gather(*(batcher.submit(n) for n in range(3)),
+                                    return_exceptions=True)
+
+    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes), outcomes

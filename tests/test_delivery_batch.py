@@ -424,9 +424,6 @@ async def test_record_successes_reports_a_closed_circuit_for_its_first_success_o
     assert circuit_row(clean_db, elsewhere.abonnement_id) is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "record_successes matches its updated rows to the input by delivery id only, so a "
-    "taken-over claim recorded with the current claim of the same delivery reads current"))
 async def test_record_successes_of_a_stale_and_a_current_claim_of_one_delivery(
     clean_db, conn
 ):
@@ -440,3 +437,29 @@ async def test_record_successes_of_a_stale_and_a_current_claim_of_one_delivery(
     assert row(clean_db, arranged.id)["state"] == "delivered"
     assert len(attempt_rows(clean_db, arranged.id)) == 2
     assert [each.current for each in recorded] == [False, True]
+
+
+async def test_worker_records_the_rest_of_a_batch_when_one_row_is_refused(
+    clean_db, conn, base_env
+):
+    """A delivery deleted between its claim and its record fails only its own record."""
+    from koerier import db
+    from koerier.config import load_settings
+    from koerier.worker import Worker
+
+    arranged = arrange(clean_db, 3)
+    claims = await delivery.claim_many(conn, [(item.id, False) for item in arranged], LEASE)
+    clean_db.execute("DELETE FROM delivery WHERE id = %s", (arranged[1].id,))
+    settings = load_settings()
+    await db.open_pool(settings, autocommit=True, check=False)
+    try:
+        worker = Worker(settings, concurrency=4)
+        outcomes = await worker._record_batch([(claim, success()) for claim in claims])
+    finally:
+        await db.close_pool()
+
+    assert outcomes[0] == Recorded(True, 0, False)
+    assert isinstance(outcomes[1], psycopg.Error)
+    assert outcomes[2] == Recorded(True, 0, False)
+    assert row(clean_db, arranged[0].id)["state"] == "delivered"
+    assert row(clean_db, arranged[2].id)["state"] == "delivered"

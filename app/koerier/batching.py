@@ -63,6 +63,8 @@ class Batcher(Generic[Item, Result]):
                    loop: asyncio.AbstractEventLoop) -> None:
         try:
             results = await self._handler([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
         except asyncio.CancelledError:
             for _, future in batch:
                 future.cancel()

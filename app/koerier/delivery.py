@@ -313,7 +313,7 @@ _RECORD_SUCCESSES = """
         FROM input i
         WHERE d.id = ANY(%(ids)s::bigint[]) AND d.id = i.id
           AND d.state = 'sending' AND d.attempts = i.attempt
-        RETURNING d.id
+        RETURNING d.id, d.attempts
     ), closed AS (
         UPDATE circuit c SET consecutive_failures = 0, open_until = NULL, probing = false
         FROM (SELECT abonnement_id, open_until FROM circuit
@@ -323,7 +323,8 @@ _RECORD_SUCCESSES = """
         WHERE c.abonnement_id = old.abonnement_id
         RETURNING c.abonnement_id, old.open_until IS NOT NULL AS was_open
     )
-    SELECT i.id, EXISTS (SELECT 1 FROM updated u WHERE u.id = i.id) AS current,
+    SELECT i.id, EXISTS (SELECT 1 FROM updated u
+                                  WHERE u.id = i.id AND u.attempts = i.attempt) AS current,
            coalesce((SELECT was_open FROM closed WHERE closed.abonnement_id = i.abonnement_id),
                     false) AS circuit_closed
     FROM input i

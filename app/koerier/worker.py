@@ -247,8 +247,30 @@ class Worker:
 
     async def _record_batch(
         self, done: Sequence[tuple[delivery.Claim, delivery.AttemptResult]]
-    ) -> list[delivery.Recorded]:
-        return await self._with_database(lambda conn: delivery.record_successes(conn, done))
+    ) -> list[delivery.Recorded | BaseException]:
+        try:
+            return list(await self._with_database(
+                lambda conn: delivery.record_successes(conn, done)))
+        except ShuttingDown:
+            raise
+        except Exception:
+            if len(done) == 1:
+                raise
+        # One row the database refused (its delivery deleted meanwhile, say) must not
+        # fail the others: record each on its own, so only that one is tried again.
+        recorded: list[delivery.Recorded | BaseException] = []
+        for item in done:
+            try:
+                recorded += await self._record_one(item)
+            except ShuttingDown:
+                raise
+            except Exception as exc:
+                recorded.append(exc)
+        return recorded
+
+    async def _record_one(self, item: tuple[delivery.Claim, delivery.AttemptResult]
+                          ) -> list[delivery.Recorded]:
+        return await self._with_database(lambda conn: delivery.record_successes(conn, [item]))
 
     async def _handle(self, message: Message) -> None:
         try:
