@@ -10,6 +10,7 @@ delivery's entry in one statement.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -17,7 +18,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from koerier import delivery
+from koerier import delivery, relay
 from koerier.delivery import AttemptResult, Recorded
 from tests.delivery_support import make_abonnementen, message, store_notification
 
@@ -282,6 +283,41 @@ async def test_claim_many_takes_over_a_sending_delivery_whose_lease_ran_out(
 
     assert claim is not None and claim.attempt == 2
     assert row(clean_db, arranged.id)["attempts"] == 2
+
+
+async def waiting_on_a_lock(db, timeout: float = 10.0) -> None:
+    """Until some backend waits for a row lock (the other side of the test is blocked)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not db.execute("SELECT count(*) FROM pg_stat_activity "
+                         "WHERE wait_event_type = 'Lock'").fetchone()[0]:
+        assert asyncio.get_running_loop().time() < deadline, "nobody came to wait"
+        await asyncio.sleep(0.02)
+
+
+async def test_claim_many_beside_the_apis_mark_queued_never_deadlocks(
+    clean_db, conn, pg_server
+):
+    low, high = arrange(clean_db, 2)
+    # The plan a large table gets (the unnest drives an index lookup per id, in the order
+    # the ids came), not the hash join a table of two rows would get.
+    await conn.execute("SET enable_hashjoin = off")
+    await conn.execute("SET enable_mergejoin = off")
+    api_side = await psycopg.AsyncConnection.connect(pg_server.conninfo())
+    async with api_side:
+        # One mark_queued of both, as the API sends it, taken apart: it has locked the
+        # lower row ...
+        await api_side.execute(relay._MARK_QUEUED, {"ids": [low.id]})
+        # ... when a worker claims both, the higher first (the order its messages came in) ...
+        claiming = asyncio.ensure_future(delivery.claim_many(
+            conn, [(high.id, False), (low.id, False)], LEASE))
+        await waiting_on_a_lock(clean_db)
+        # ... and it goes on to the higher row.
+        await api_side.execute(relay._MARK_QUEUED, {"ids": [high.id]})
+        await api_side.commit()
+    claims = await asyncio.wait_for(claiming, 10)
+
+    assert [claim.delivery_id for claim in claims if claim] == [high.id, low.id]
+    assert {row(clean_db, each.id)["state"] for each in (low, high)} == {"sending"}
 
 
 # record_successes

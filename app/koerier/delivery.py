@@ -126,16 +126,25 @@ _CLAIM_ONE = """
     )
 """ + _CLAIMED_SELECT
 
+# Every statement that locks several deliveries locks them in id order first (LOCK_IN_ORDER):
+# in the order the ids came, a claim and the API's mark_queued (or two claims) could each
+# hold a row the other waits for, and PostgreSQL would end one of them after a second.
+LOCK_IN_ORDER = """
+    locked AS MATERIALIZED (
+        SELECT id FROM delivery WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id FOR UPDATE
+    )
+"""
+
 # Several deliveries at once. Not prepared (see claim_many): its plan depends on the
 # table's size, and a plan kept from when the table was small would scan all of it.
 _CLAIM_MANY = """
     WITH wanted AS (
         SELECT * FROM unnest(%(ids)s::bigint[], %(redelivered)s::bool[]) AS t(id, redelivered)
-    ), claimed AS (
+    ), """ + LOCK_IN_ORDER + """, claimed AS (
         UPDATE delivery d
         SET state = 'sending', attempts = d.attempts + 1,
             claimed_until = now() + make_interval(secs => %(lease)s)
-        FROM wanted w
+        FROM wanted w JOIN locked USING (id)
         WHERE d.id = w.id AND (
             (d.state IN ('scheduled', 'queued') AND d.due_at <= now())
             OR (d.state = 'sending' AND (w.redelivered OR d.claimed_until < now()))
@@ -303,14 +312,14 @@ _RECORD_SUCCESSES = """
                              %(started)s::timestamptz[], %(durations)s::int[], %(statuses)s::int[])
              WITH ORDINALITY AS t(id, attempt, abonnement_id, started_at, duration_ms,
                                   status_code, position)
-    ), attempt AS (
+    ), """ + LOCK_IN_ORDER + """, attempt AS (
         INSERT INTO delivery_attempt (delivery_id, number, started_at, duration_ms,
                                       status_code, outcome)
         SELECT id, attempt, started_at, duration_ms, status_code, 'success' FROM input
     ), updated AS (
         UPDATE delivery d
         SET state = 'delivered', claimed_until = NULL, last_error = NULL, finished_at = now()
-        FROM input i
+        FROM input i JOIN locked USING (id)
         WHERE d.id = ANY(%(ids)s::bigint[]) AND d.id = i.id
           AND d.state = 'sending' AND d.attempts = i.attempt
         RETURNING d.id, d.attempts
@@ -319,6 +328,7 @@ _RECORD_SUCCESSES = """
         FROM (SELECT abonnement_id, open_until FROM circuit
               WHERE abonnement_id IN (SELECT abonnement_id FROM input)
                 AND (consecutive_failures > 0 OR open_until IS NOT NULL)
+              ORDER BY abonnement_id
               FOR UPDATE) AS old
         WHERE c.abonnement_id = old.abonnement_id
         RETURNING c.abonnement_id, old.open_until IS NOT NULL AS was_open

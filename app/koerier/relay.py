@@ -51,9 +51,16 @@ _STALE = """
 # Only a delivery nobody has touched yet (due_at still equals created_at): a fast worker
 # may have claimed, attempted and rescheduled it before the broker's confirm came back,
 # and such a retry must stay 'scheduled' for the relay.
+# Rows are locked in id order, like a worker's claims (delivery.LOCK_IN_ORDER).
 _MARK_QUEUED = """
-    UPDATE delivery SET state = 'queued', queued_at = now()
-    WHERE id = ANY(%s) AND state = 'scheduled' AND due_at = created_at
+    WITH locked AS MATERIALIZED (
+        SELECT id FROM delivery
+        WHERE id = ANY(%(ids)s::bigint[]) AND state = 'scheduled' AND due_at = created_at
+        ORDER BY id FOR UPDATE
+    )
+    UPDATE delivery d SET state = 'queued', queued_at = now()
+    FROM locked
+    WHERE d.id = locked.id AND d.state = 'scheduled' AND d.due_at = d.created_at
 """
 
 
@@ -63,7 +70,7 @@ MARK_QUEUED_EVERY_SECONDS = 0.25
 async def mark_queued(delivery_ids: list[int]) -> None:
     """Mark deliveries the broker confirmed as ``queued`` (one UPDATE for the batch)."""
     async with db.connection() as conn:
-        await conn.execute(_MARK_QUEUED, (delivery_ids,))
+        await conn.execute(_MARK_QUEUED, {"ids": delivery_ids})
 
 
 def api_publisher(settings: Settings) -> Publisher:
