@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from koerier.batching import Batcher
+from koerier.batching import Batcher, NotStarted
 
 # Enough turns of the event loop for a submit to reach its handler and come back
 # (submit, start, run, resolve) with room to spare; far less than any timer would take.
@@ -196,3 +196,34 @@ async def test_a_handler_that_answers_too_few_results_fails_every_caller():
                                     return_exceptions=True)
 
     assert all(isinstance(outcome, RuntimeError) for outcome in outcomes), outcomes
+
+
+async def test_an_item_not_started_in_time_fails_alone_and_is_never_handled():
+    recorder = Recorder()
+    batcher = Batcher(recorder, batch_max=10, concurrency=1)
+    recorder.gate.clear()
+    running = asyncio.ensure_future(batcher.submit(1))
+    await turns()
+    # The handler is stuck on item 1: item 2 waits, item 3 may wait as long as it takes.
+    late = asyncio.ensure_future(batcher.submit(2, start_within=0.05))
+    patient = asyncio.ensure_future(batcher.submit(3))
+    with pytest.raises(NotStarted):
+        await late
+    recorder.gate.set()
+
+    assert await running == 10
+    assert await patient == 30
+    assert recorder.batches == [[1], [3]]
+
+
+async def test_an_item_whose_batch_started_is_not_abandoned_when_its_time_runs_out():
+    recorder = Recorder()
+    batcher = Batcher(recorder, batch_max=10, concurrency=1)
+    recorder.gate.clear()
+    started = asyncio.ensure_future(batcher.submit(1, start_within=0.05))
+    await turns()
+    await asyncio.sleep(0.1)
+    recorder.gate.set()
+
+    assert await started == 10
+    assert recorder.batches == [[1]]

@@ -130,6 +130,38 @@ async def test_one_refused_notification_does_not_fail_its_batch(clean_db, pool, 
     assert clean_db.execute("SELECT count(*) FROM delivery").fetchone()[0] == 5
 
 
+async def test_database_lost_while_storing_one_by_one_fails_only_the_unstored(
+        clean_db, pool, monkeypatch):
+    make_abonnementen(clean_db, ["http://127.0.0.1:9/a"])
+    intake = Intake(batch_max=100, transactions=1)
+    good = [message("zaken", bron="x") for _ in range(5)]
+    refused = (good[0][0], '{"kanaal": "zaken",')
+    real = routing.store_notifications
+    calls = 0
+
+    async def losing_the_fourth(conn, incoming, *rest):
+        # The batch, then the rows one by one: the connection of the third row really
+        # dies (its backend is terminated), as in a database restart.
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            with pytest.raises(psycopg.OperationalError):
+                await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return await real(conn, incoming, *rest)
+
+    monkeypatch.setattr(routing, "store_notifications", losing_the_fourth)
+    outcomes = await asyncio.gather(
+        *(intake.store(*item) for item in [good[0], refused, *good[1:]]),
+        return_exceptions=True,
+    )
+
+    assert isinstance(outcomes[0], routing.StoredNotification)
+    assert isinstance(outcomes[1], psycopg.DataError)
+    assert all(isinstance(outcome, db.DatabaseUnavailable) for outcome in outcomes[2:])
+    stored = clean_db.execute("SELECT uuid FROM notification").fetchall()
+    assert [row[0] for row in stored] == [outcomes[0].uuid]
+
+
 async def test_at_most_the_configured_transactions_run_at_once(clean_db, pool, batch_sizes):
     make_abonnementen(clean_db, ["http://127.0.0.1:9/a"])
     intake = Intake(batch_max=7, transactions=2)

@@ -7,6 +7,10 @@ batch in the next turn of the event loop (joined by whatever else arrived in tha
 otherwise it waits for a running batch to end and goes with everything that arrived
 meanwhile (at most ``batch_max``). At low load every item is handled at once and alone;
 the busier the process, the larger the batches.
+
+An item may be given a time to start within: one still waiting then is taken out and
+fails with :class:`NotStarted`, so a stalled handler cannot gather callers without bound.
+An item whose batch has started is never abandoned: its outcome is what the handler did.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ Result = TypeVar("Result")
 Handler = Callable[[Sequence[Item]], Awaitable[Sequence[Result | BaseException]]]
 
 
+class NotStarted(Exception):
+    """The item's batch did not start within the time it was given; it was not handled."""
+
+
 class Batcher(Generic[Item, Result]):
     """Runs ``handler`` over batches of the items given to :meth:`submit`."""
 
@@ -35,13 +43,32 @@ class Batcher(Generic[Item, Result]):
         self._start_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, item: Item) -> Result:
-        """Handle ``item`` in the next batch; its result, or its exception raised."""
+    async def submit(self, item: Item, start_within: float | None = None) -> Result:
+        """Handle ``item`` in the next batch; its result, or its exception raised.
+
+        With ``start_within`` (seconds), raises :class:`NotStarted` if no batch took the
+        item by then."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._waiting.append((item, future))
+        entry = (item, future)
+        self._waiting.append(entry)
         self._schedule(loop)
-        return await future
+        if start_within is None:
+            return await future
+        timer = loop.call_later(start_within, self._expire, entry, start_within)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, entry: tuple[Item, asyncio.Future[Result]], waited: float) -> None:
+        # By identity: two equal items are still two callers.
+        for position, waiting in enumerate(self._waiting):
+            if waiting is entry:
+                del self._waiting[position]
+                if not entry[1].done():
+                    entry[1].set_exception(NotStarted(f"not started within {waited:g} s"))
+                return
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._start_pending or not self._waiting or self._running >= self._concurrency:

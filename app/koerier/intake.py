@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from koerier import db, logs, routing
-from koerier.batching import Batcher
+from koerier.batching import Batcher, NotStarted
 from koerier.db import DatabaseUnavailable
 
 log = logs.get("koerier.intake")
@@ -29,19 +29,26 @@ Outcome = routing.StoredNotification | BaseException
 class Intake:
     """Stores notifications in shared statements; see the module docstring."""
 
-    def __init__(self, batch_max: int = 100, transactions: int = 2) -> None:
+    def __init__(self, batch_max: int = 100, transactions: int = 2,
+                 wait_seconds: float | None = 3.0) -> None:
         self._routes = routing.RouteCache()
         self._batcher: Batcher[Incoming, routing.StoredNotification] = Batcher(
             self._store, batch_max, transactions)
+        # As long as a request would have waited for a pool connection: a database that
+        # takes nothing must give publishers a 503, not hold them (and their bodies).
+        self._wait_seconds = wait_seconds
 
     async def store(self, message: Mapping[str, Any], raw: str) -> routing.StoredNotification:
         """Store one notification; returns once its statement committed.
 
         Raises :class:`routing.RoutingError` for a notification that cannot be routed,
-        :class:`DatabaseUnavailable` when the database did not answer, and whatever else
-        storing it raised.
+        :class:`DatabaseUnavailable` when the database did not answer or no statement could
+        take it within ``wait_seconds``, and whatever else storing it raised.
         """
-        return await self._batcher.submit((message, raw))
+        try:
+            return await self._batcher.submit((message, raw), self._wait_seconds)
+        except NotStarted as exc:
+            raise DatabaseUnavailable(f"the database took no notification: {exc}") from None
 
     async def _store(self, batch: Sequence[Incoming]) -> list[Outcome]:
         try:
@@ -55,11 +62,15 @@ class Intake:
             # fail the others: store each on its own, so only its publisher gets the error.
             log.warning("intake_batch_failed", size=len(batch), error=repr(exc))
             outcomes: list[Outcome] = []
-            for incoming in batch:
+            for position, incoming in enumerate(batch):
                 try:
                     outcomes += await self._store_together([incoming])
-                except DatabaseUnavailable:
-                    raise
+                except DatabaseUnavailable as unavailable:
+                    # The ones stored so far are committed and keep their 201; only those
+                    # not stored get the 503 (a publisher that retries a stored one would
+                    # publish it twice, under a new id).
+                    outcomes += [unavailable] * (len(batch) - position)
+                    break
                 except Exception as single:
                     outcomes.append(single)
             return outcomes

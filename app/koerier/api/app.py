@@ -43,7 +43,8 @@ def make_app(
             leeway_seconds=settings.jwt_leeway_seconds,
         ),
         publisher=publisher,
-        intake=Intake(settings.intake_batch_max, settings.intake_transactions),
+        intake=Intake(settings.intake_batch_max, settings.intake_transactions,
+                      settings.db_connect_timeout_seconds),
         trusted_networks=[
             ipaddress.ip_network(item, strict=False) for item in settings.trusted_proxies
         ],
