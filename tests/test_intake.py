@@ -162,6 +162,27 @@ async def test_database_lost_while_storing_one_by_one_fails_only_the_unstored(
     assert [row[0] for row in stored] == [outcomes[0].uuid]
 
 
+async def test_a_notification_no_transaction_takes_in_time_gets_unavailable(
+        clean_db, pool, pg_server):
+    make_abonnementen(clean_db, ["http://127.0.0.1:9/a"])
+    intake = Intake(batch_max=100, transactions=1, wait_seconds=0.3)
+    await intake.store(*message("zaken", bron="x"))  # routes cached, connection warm
+    blocker = await psycopg.AsyncConnection.connect(pg_server.conninfo())
+    async with blocker:
+        # A stalled database: the storing transaction waits for this lock.
+        await blocker.execute("LOCK TABLE notification IN ACCESS EXCLUSIVE MODE")
+        stuck = asyncio.ensure_future(intake.store(*message("zaken", bron="x")))
+        await asyncio.sleep(0.1)
+        with pytest.raises(db.DatabaseUnavailable):
+            await intake.store(*message("zaken", bron="x"))
+        await blocker.commit()
+    # The one whose transaction had started is stored, however long it took.
+    stored = await asyncio.wait_for(stuck, 10)
+    assert clean_db.execute("SELECT count(*) FROM notification WHERE uuid = %s",
+                            (stored.uuid,)).fetchone()[0] == 1
+    assert clean_db.execute("SELECT count(*) FROM notification").fetchone()[0] == 2
+
+
 async def test_at_most_the_configured_transactions_run_at_once(clean_db, pool, batch_sizes):
     make_abonnementen(clean_db, ["http://127.0.0.1:9/a"])
     intake = Intake(batch_max=7, transactions=2)
@@ -222,3 +243,19 @@ async def test_a_change_committed_while_routes_are_cached_reroutes_the_batch(cle
     for outcome in outcomes:
         assert added[0] in outcome.abonnement_ids
         assert len(outcome.delivery_ids) == 2
+
+
+async def test_the_route_cache_stays_bounded_by_names_of_kanalen_that_do_not_exist(
+        clean_db, pool):
+    make_abonnementen(clean_db, ["http://127.0.0.1:9/a"])
+    cache = routing.RouteCache(max_entries=4)
+    async with db.connection() as conn:
+        await conn.set_autocommit(True)
+        for attempt in range(10):
+            [refused] = await routing.store_notifications(
+                conn, [message(f"nergens-{attempt}")], cache)
+            assert isinstance(refused, routing.RoutingError)
+            assert len(cache.routes) <= 4
+        [stored] = await routing.store_notifications(conn, [message("zaken", bron="x")], cache)
+        await conn.set_autocommit(False)
+    assert isinstance(stored, routing.StoredNotification) and len(stored.delivery_ids) == 1

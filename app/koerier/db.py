@@ -69,7 +69,8 @@ async def open_pool(
         # A connection that broke while idle (database restart) is found and replaced
         # before it is handed out, so the first request after a restart does not fail.
         # One given back within the last second is not checked (see above): a restart in
-        # that second fails the few requests that get such a connection, with a 503.
+        # that second fails what gets such a connection with a 503, which in the API can
+        # be a whole intake batch (KOERIER_INTAKE_BATCH_MAX publishes); nothing is stored.
         check=_check_unless_recent if check else None,
         reset=_note_returned if check else None,
         reconnect_timeout=0,

@@ -115,11 +115,16 @@ class Route:
 
 
 class RouteCache:
-    """Kanalen (and the absence of one, as None) read at one ``routing_version``."""
+    """Kanalen (and the absence of one, as None) read at one ``routing_version``.
 
-    def __init__(self) -> None:
+    At most ``max_entries`` names are kept: a publisher that names ever new kanalen, which
+    do not exist, must not grow the process; past the bound the cache starts afresh.
+    """
+
+    def __init__(self, max_entries: int = 1000) -> None:
         self.version: int | None = None
         self.routes: dict[str, Route | None] = {}
+        self.max_entries = max_entries
 
     def missing(self, kanalen: Sequence[str]) -> list[str]:
         return [naam for naam in kanalen if naam not in self.routes]
@@ -129,7 +134,7 @@ class RouteCache:
         cursor = await conn.execute(_ROUTE_QUERY, (list(kanalen),))
         rows = await cursor.fetchall()
         version = int(_column(rows[0], "version", 0))
-        if version != self.version:
+        if version != self.version or len(self.routes) + len(kanalen) > self.max_entries:
             self.version = version
             self.routes = {}
         loaded: dict[str, Route | None] = {naam: None for naam in kanalen}
