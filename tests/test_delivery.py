@@ -160,6 +160,51 @@ async def test_delivery_the_api_could_not_publish_is_relayed(clean_db, worker, c
                             "relayed delivery delivered")
 
 
+@pytest.mark.parametrize("lost", ["queued", "sending_lease_expired"])
+async def test_delivery_whose_broker_message_was_lost_is_republished_by_the_safety_net(
+    clean_db, worker, callback_server, lost
+):
+    [abonnement] = make_abonnementen(clean_db, [callback_server.url()])
+    _, [delivery_id] = store_notification(clean_db, [abonnement])
+    # Its message is gone (a broker that lost it, a worker killed after its claim): only
+    # the relay's look at old queued and expired sending deliveries can bring it back.
+    if lost == "queued":
+        assignments = "state = 'queued'"
+    else:
+        assignments = ("state = 'sending', attempts = 1, "
+                       "claimed_until = now() - interval '1 minute'")
+    clean_db.execute(
+        f"UPDATE delivery SET {assignments}, queued_at = now() - interval '2 hours' "
+        "WHERE id = %s", (delivery_id,))
+
+    [received] = await asyncio.to_thread(callback_server.wait_for, 1, 10)
+
+    expected_attempt = "1" if lost == "queued" else "2"
+    assert received.headers["Koerier-Delivery-Attempt"] == expected_attempt
+    await asyncio.to_thread(wait_until, lambda: states(clean_db) == {"delivered": 1}, 5,
+                            "republished delivery delivered")
+    worker.wait_for_event("relay_republished_stale")
+
+
+async def test_delivery_being_sent_under_a_live_lease_is_not_republished(
+    clean_db, worker, callback_server
+):
+    [abonnement] = make_abonnementen(clean_db, [callback_server.url()])
+    _, [delivery_id] = store_notification(clean_db, [abonnement])
+    clean_db.execute(
+        "UPDATE delivery SET state = 'sending', attempts = 1, "
+        "claimed_until = now() + interval '1 hour', queued_at = now() - interval '2 hours' "
+        "WHERE id = %s", (delivery_id,))
+
+    republished_before = len(worker.events("relay_republished_stale"))
+    # Several relay passes (every 0.2 s here) find nothing to take.
+    await asyncio.sleep(2)
+
+    assert len(worker.events("relay_republished_stale")) == republished_before
+    assert callback_server.requests() == []
+    assert states(clean_db) == {"sending": 1}
+
+
 async def test_circuit_opens_after_repeated_failures_and_closes_after_a_good_probe(
     clean_db, worker, publisher, callback_server
 ):
