@@ -320,6 +320,34 @@ async def test_claim_many_beside_the_apis_mark_queued_never_deadlocks(
     assert {row(clean_db, each.id)["state"] for each in (low, high)} == {"sending"}
 
 
+async def test_an_attempt_of_a_claim_taken_over_is_recorded_beside_a_batch_holding_its_row(
+    clean_db, conn, pg_server
+):
+    taken_over, other = arrange(clean_db, 2)
+    [stale] = await delivery.claim_many(conn, [(taken_over.id, False)], LEASE)
+    taking_over = await psycopg.AsyncConnection.connect(pg_server.conninfo(),
+                                                        row_factory=dict_row)
+    async with taking_over:
+        # A second worker got the redelivered message and took the delivery over ...
+        [current, companion] = await delivery.claim_many(
+            taking_over, [(taken_over.id, True), (other.id, False)], LEASE)
+        await taking_over.commit()
+        # ... and its batched success record holds both rows (kept open here).
+        await delivery.record_successes(
+            taking_over, [(current, success()), (companion, success())])
+        # The first worker records its old attempt meanwhile. Inserting the attempt row
+        # takes KEY SHARE on the delivery, which a batch's FOR UPDATE would block (and,
+        # with a circuit lock in between, deadlock); NO KEY UPDATE lets it through.
+        recorded = await asyncio.wait_for(delivery.record_successes(
+            conn, [(stale, success(200, 40))]), 5)
+        await taking_over.commit()
+
+    assert recorded == [Recorded(current=False, consecutive_failures=0, circuit_closed=False)]
+    assert row(clean_db, taken_over.id)["state"] == "delivered"
+    assert sorted(attempt["number"] for attempt in attempt_rows(clean_db, taken_over.id)) == [
+        stale.attempt, current.attempt]
+
+
 # record_successes
 
 

@@ -126,12 +126,19 @@ _CLAIM_ONE = """
     )
 """ + _CLAIMED_SELECT
 
-# Every statement that locks several deliveries locks them in id order first (LOCK_IN_ORDER):
+# Every statement that locks several deliveries locks them in id order first (lock_in_order):
 # in the order the ids came, a claim and the API's mark_queued (or two claims) could each
 # hold a row the other waits for, and PostgreSQL would end one of them after a second.
-LOCK_IN_ORDER = """
+# NO KEY UPDATE, as a plain UPDATE takes: FOR UPDATE would also block the KEY SHARE lock that
+# inserting a delivery_attempt takes on its delivery, and a worker recording an attempt that
+# was taken over could then deadlock with the one that took it over. Only rows in ``states``
+# are locked, so a stale message for a finished delivery waits for nothing.
+def lock_in_order(states: str) -> str:
+    return f"""
     locked AS MATERIALIZED (
-        SELECT id FROM delivery WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id FOR UPDATE
+        SELECT id FROM delivery
+        WHERE id = ANY(%(ids)s::bigint[]) AND state IN ({states})
+        ORDER BY id FOR NO KEY UPDATE
     )
 """
 
@@ -140,7 +147,7 @@ LOCK_IN_ORDER = """
 _CLAIM_MANY = """
     WITH wanted AS (
         SELECT * FROM unnest(%(ids)s::bigint[], %(redelivered)s::bool[]) AS t(id, redelivered)
-    ), """ + LOCK_IN_ORDER + """, claimed AS (
+    ), """ + lock_in_order("'scheduled', 'queued', 'sending'") + """, claimed AS (
         UPDATE delivery d
         SET state = 'sending', attempts = d.attempts + 1,
             claimed_until = now() + make_interval(secs => %(lease)s)
@@ -312,7 +319,7 @@ _RECORD_SUCCESSES = """
                              %(started)s::timestamptz[], %(durations)s::int[], %(statuses)s::int[])
              WITH ORDINALITY AS t(id, attempt, abonnement_id, started_at, duration_ms,
                                   status_code, position)
-    ), """ + LOCK_IN_ORDER + """, attempt AS (
+    ), """ + lock_in_order("'sending'") + """, attempt AS (
         INSERT INTO delivery_attempt (delivery_id, number, started_at, duration_ms,
                                       status_code, outcome)
         SELECT id, attempt, started_at, duration_ms, status_code, 'success' FROM input
@@ -329,7 +336,7 @@ _RECORD_SUCCESSES = """
               WHERE abonnement_id IN (SELECT abonnement_id FROM input)
                 AND (consecutive_failures > 0 OR open_until IS NOT NULL)
               ORDER BY abonnement_id
-              FOR UPDATE) AS old
+              FOR NO KEY UPDATE) AS old
         WHERE c.abonnement_id = old.abonnement_id
         RETURNING c.abonnement_id, old.open_until IS NOT NULL AS was_open
     )

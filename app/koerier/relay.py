@@ -1,7 +1,7 @@
 """The relay: hands deliveries that are due from PostgreSQL to RabbitMQ.
 
 Every worker process runs one. About once a second (``KOERIER_RELAY_INTERVAL_SECONDS``) it
-takes, with ``FOR UPDATE SKIP LOCKED`` so relays of other processes take other rows:
+takes, with ``FOR NO KEY UPDATE SKIP LOCKED`` so relays of other processes take other rows:
 
 - ``scheduled`` deliveries whose ``due_at`` has come: retries, deferred deliveries,
   re-sends, and fresh deliveries the API could not publish (broker down). A fresh delivery
@@ -35,7 +35,7 @@ _DUE = """
       AND (due_at > created_at OR created_at <= now() - make_interval(secs => %(grace)s))
     ORDER BY due_at
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    FOR NO KEY UPDATE SKIP LOCKED
 """
 
 _STALE = """
@@ -45,18 +45,18 @@ _STALE = """
       AND (state = 'queued' OR claimed_until < now())
     ORDER BY queued_at
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    FOR NO KEY UPDATE SKIP LOCKED
 """
 
 # Only a delivery nobody has touched yet (due_at still equals created_at): a fast worker
 # may have claimed, attempted and rescheduled it before the broker's confirm came back,
 # and such a retry must stay 'scheduled' for the relay.
-# Rows are locked in id order, like a worker's claims (delivery.LOCK_IN_ORDER).
+# Rows are locked in id order, like a worker's claims (delivery.lock_in_order).
 _MARK_QUEUED = """
     WITH locked AS MATERIALIZED (
         SELECT id FROM delivery
         WHERE id = ANY(%(ids)s::bigint[]) AND state = 'scheduled' AND due_at = created_at
-        ORDER BY id FOR UPDATE
+        ORDER BY id FOR NO KEY UPDATE
     )
     UPDATE delivery d SET state = 'queued', queued_at = now()
     FROM locked
