@@ -89,6 +89,16 @@ if ! $KOERIER client list | grep -qw demo; then
   $KOERIER client add demo --secret "$DEMO_SECRET" --all >/dev/null
 fi
 
+# A second `make run` (or anything else on these ports) would otherwise print the banner
+# for an API it did not start.
+for port in "$PORT" "$SUBSCRIBER_PORT"; do
+  if (exec 3<>"/dev/tcp/$ADDRESS/$port") 2>/dev/null; then
+    echo "make run stops here: something already listens on $ADDRESS:$port" \
+      "(another make run?). Stop it, or set KOERIER_PORT / KOERIER_DEMO_SUBSCRIBER_PORT." >&2
+    exit 1
+  fi
+done
+
 pids=()
 stop() {
   trap - INT TERM EXIT
@@ -97,7 +107,8 @@ stop() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap stop INT TERM EXIT
+trap stop EXIT
+trap 'stop; exit 130' INT TERM
 
 .venv/bin/python scripts/demo_subscriber.py --port "$SUBSCRIBER_PORT" \
   --auth "Bearer demo-subscriber-token" &
@@ -147,4 +158,11 @@ Publish a notification to the kanaal 'demo' from another shell:
 The demo subscriber prints it here; the record: .venv/bin/koerier notifications show UUID
 Press Ctrl-C to stop.
 EOF
-wait -n "${pids[@]}"
+# Nothing here restarts a process that dies: say which one went, then stop the others.
+status=0
+wait -n -p gone "${pids[@]}" || status=$?
+declare -A names=([${pids[0]}]="the demo subscriber" [${pids[1]}]="koerier worker"
+                  [${pids[2]}]="koerier serve")
+echo "==> ${names[$gone]:-a process} exited (status $status). Nothing accepted is lost:" \
+  "make run starts again where it left off." >&2
+exit "$status"
