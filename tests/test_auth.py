@@ -68,6 +68,13 @@ def test_token_without_client_id_is_403(api):
     assert_forbidden(get_kanalen(api, f"Bearer {token({'client_id': None})}"))
 
 
+def test_token_with_a_numeric_client_id_is_403_saying_it_must_be_a_string(api):
+    response = get_kanalen(api, f"Bearer {token({'client_id': 5})}")
+
+    assert_forbidden(response)
+    assert "must be a non-empty string" in response.json()["detail"]
+
+
 def test_token_without_iat_is_403(api):
     assert_forbidden(get_kanalen(api, f"Bearer {token({'iat': None})}"))
 

@@ -47,6 +47,23 @@ def test_client_add_with_secret_and_all_scopes(base_env, clean_db):
     assert clean_db.execute("SELECT all_scopes FROM api_client").fetchone()[0] is True
 
 
+def test_client_add_with_a_short_secret_warns_but_creates_it(base_env, clean_db):
+    result = koerier(base_env, "client", "add", "zrc", "--secret", "short", "--all")
+
+    assert result.returncode == 0, result.stderr
+    assert "5 characters" in result.stderr
+    assert clean_db.execute("SELECT count(*) FROM api_client").fetchone()[0] == 1
+
+
+def test_client_add_with_all_and_a_scope_is_refused(base_env, clean_db):
+    result = koerier(base_env, "client", "add", "zrc", "--all",
+                     "--scope", "notificaties.publiceren")
+
+    assert result.returncode == 2
+    assert "not both" in result.stderr
+    assert clean_db.execute("SELECT count(*) FROM api_client").fetchone()[0] == 0
+
+
 def test_client_add_of_existing_client_is_refused(base_env, clean_db):
     koerier(base_env, "client", "add", "zrc", "--secret", "first", "--all")
 

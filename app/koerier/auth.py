@@ -88,8 +88,10 @@ class Authenticator:
                 f"the token must be signed with {ALGORITHM}, but got {header.get('alg')!r}"
             )
         client_id = claims.get("client_id")
-        if not isinstance(client_id, str) or not client_id:
+        if client_id is None:
             raise AuthenticationFailed("the token has no client_id claim")
+        if not isinstance(client_id, str) or not client_id:
+            raise AuthenticationFailed("the token's client_id claim must be a non-empty string")
 
         client = await self.clients.get(client_id)
         if client is None:

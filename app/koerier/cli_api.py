@@ -43,6 +43,9 @@ def client() -> None:
     """Manage the API clients (client id, secret, scopes)."""
 
 
+WEAK_SECRET_BELOW = 16
+
+
 @client.command("add")
 @click.argument("client_id")
 @click.option("--secret", help="The shared secret; a strong one is generated when omitted.")
@@ -69,6 +72,12 @@ def client_add(client_id: str, secret: str | None, scopes: tuple[str, ...],
         raise click.UsageError(
             f"give at least one --scope ({SCOPE_PUBLISH}, {SCOPE_CONSUME}) or --all"
         )
+    if scopes and all_scopes:
+        raise click.UsageError("--all grants every scope: give --all or --scope, not both")
+    if secret is not None and len(secret) < WEAK_SECRET_BELOW:
+        # Not refused: a secret may come from an existing integration's configuration.
+        click.echo(f"warning: a secret of {len(secret)} characters is easy to guess; omit "
+                   "--secret for a generated one", err=True)
     settings = get_settings()
     secret = secret or clients.generate_secret()
     created = _database_call(
