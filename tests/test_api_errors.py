@@ -51,6 +51,20 @@ def test_invalid_utf8_is_400_parse_error(api):
     assert "UTF-8" in body["invalidParams"][0]["reason"]
 
 
+def test_invalid_utf8_in_a_query_argument_names_the_argument(api):
+    response = api.get("/api/v1/kanaal?naam=%ff")
+
+    body = assert_problem(response, 400)
+    assert body["invalidParams"] == [
+        {"name": "naam", "code": "invalid", "reason": "is not valid UTF-8"}]
+
+
+def test_invalid_utf8_in_the_path_is_a_problem_not_a_server_error(api):
+    response = api.get("/api/v1/kanaal/%ff")
+
+    assert_problem(response, 400)
+
+
 def test_nul_character_is_400(api):
     response = api.post("/api/v1/kanaal", data=b'{"naam": "a\\u0000b"}', headers=JSON)
 

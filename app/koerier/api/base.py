@@ -95,6 +95,13 @@ class ApiHandler(tornado.web.RequestHandler):
         if self.request.method in BODY_METHODS:
             self._read_body()
 
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        # Tornado's own error for bad UTF-8 in a query argument or path part is a bare 400.
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.invalid(name or "url", "invalid", "is not valid UTF-8") from None
+
     # Steps of prepare()
 
     @classmethod
