@@ -112,6 +112,20 @@ def test_notifications_show_of_a_delivery_with_one_attempt_says_attempt_in_the_s
     assert f"delivery {one}: scheduled, 1 attempt -> " in result.stdout
 
 
+def test_notifications_show_of_a_delivery_whose_abonnement_was_deleted_says_so(
+    clean_db, base_env
+):
+    [abonnement] = make_abonnementen(clean_db, ["http://127.0.0.1:9/a"])
+    notification, [one] = store_notification(clean_db, [abonnement])
+    clean_db.execute("UPDATE delivery SET state = 'cancelled' WHERE id = %s", (one,))
+    clean_db.execute("DELETE FROM abonnement WHERE id = %s", (abonnement,))
+
+    result = koerier(base_env, "notifications", "show", notification)
+
+    assert result.returncode == 0, result.stderr
+    assert f"delivery {one}: cancelled, 0 attempts -> (abonnement deleted)\n" in result.stdout
+
+
 def test_notifications_show_of_a_non_uuid_names_the_argument_and_expects_a_uuid(
     clean_db, base_env
 ):

@@ -209,9 +209,9 @@ def notifications_show(notification_uuid: str) -> None:
     click.echo(f"deliveries: {len(rows)}")
     for row in rows:
         made = _count(row["attempts"], "attempt", "attempts")
-        click.echo(f"  delivery {row['id']}: {row['state']}, {made} -> "
-                   f"{row['callback_url'] or '(abonnement deleted)'} "
-                   f"(abonnement {row['abonnement'] or '-'})")
+        target = (f"{row['callback_url']} (abonnement {row['abonnement']})"
+                  if row["abonnement"] else "(abonnement deleted)")
+        click.echo(f"  delivery {row['id']}: {row['state']}, {made} -> {target}")
         if row["state"] == "scheduled":
             click.echo(f"    next attempt due {_when(row['due_at'])}")
         for attempt in (item for item in attempts if item["delivery_id"] == row["id"]):
