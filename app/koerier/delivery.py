@@ -131,13 +131,13 @@ _CLAIM_ONE = """
 # hold a row the other waits for, and PostgreSQL would end one of them after a second.
 # NO KEY UPDATE, as a plain UPDATE takes: FOR UPDATE would also block the KEY SHARE lock that
 # inserting a delivery_attempt takes on its delivery, and a worker recording an attempt that
-# was taken over could then deadlock with the one that took it over. Only rows in ``states``
-# are locked, so a stale message for a finished delivery waits for nothing.
-def lock_in_order(states: str) -> str:
+# was taken over could then deadlock with the one that took it over. Only rows that meet
+# ``condition`` (SQL) are locked, so a stale message for a finished delivery waits for nothing.
+def lock_in_order(condition: str) -> str:
     return f"""
     locked AS MATERIALIZED (
         SELECT id FROM delivery
-        WHERE id = ANY(%(ids)s::bigint[]) AND state IN ({states})
+        WHERE id = ANY(%(ids)s::bigint[]) AND {condition}
         ORDER BY id FOR NO KEY UPDATE
     )
 """
@@ -147,7 +147,7 @@ def lock_in_order(states: str) -> str:
 _CLAIM_MANY = """
     WITH wanted AS (
         SELECT * FROM unnest(%(ids)s::bigint[], %(redelivered)s::bool[]) AS t(id, redelivered)
-    ), """ + lock_in_order("'scheduled', 'queued', 'sending'") + """, claimed AS (
+    ), """ + lock_in_order("state IN ('scheduled', 'queued', 'sending')") + """, claimed AS (
         UPDATE delivery d
         SET state = 'sending', attempts = d.attempts + 1,
             claimed_until = now() + make_interval(secs => %(lease)s)
@@ -319,7 +319,7 @@ _RECORD_SUCCESSES = """
                              %(started)s::timestamptz[], %(durations)s::int[], %(statuses)s::int[])
              WITH ORDINALITY AS t(id, attempt, abonnement_id, started_at, duration_ms,
                                   status_code, position)
-    ), """ + lock_in_order("'sending'") + """, attempt AS (
+    ), """ + lock_in_order("state = 'sending'") + """, attempt AS (
         INSERT INTO delivery_attempt (delivery_id, number, started_at, duration_ms,
                                       status_code, outcome)
         SELECT id, attempt, started_at, duration_ms, status_code, 'success' FROM input

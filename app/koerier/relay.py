@@ -25,6 +25,7 @@ from koerier import db, logs, metrics
 from koerier.broker import API_RECONNECT_MAX_SECONDS, Publisher
 from koerier.config import Settings
 from koerier.db import DatabaseUnavailable
+from koerier.delivery import lock_in_order
 
 log = logs.get("koerier.relay")
 
@@ -51,13 +52,8 @@ _STALE = """
 # Only a delivery nobody has touched yet (due_at still equals created_at): a fast worker
 # may have claimed, attempted and rescheduled it before the broker's confirm came back,
 # and such a retry must stay 'scheduled' for the relay.
-# Rows are locked in id order, like a worker's claims (delivery.lock_in_order).
-_MARK_QUEUED = """
-    WITH locked AS MATERIALIZED (
-        SELECT id FROM delivery
-        WHERE id = ANY(%(ids)s::bigint[]) AND state = 'scheduled' AND due_at = created_at
-        ORDER BY id FOR NO KEY UPDATE
-    )
+# Rows are locked in id order, like a worker's claims.
+_MARK_QUEUED = "WITH " + lock_in_order("state = 'scheduled' AND due_at = created_at") + """
     UPDATE delivery d SET state = 'queued', queued_at = now()
     FROM locked
     WHERE d.id = locked.id AND d.state = 'scheduled' AND d.due_at = d.created_at
